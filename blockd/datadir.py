@@ -1,0 +1,133 @@
+"""The data dir: where a node keeps its catalog and volumes, and who owns it.
+
+    <data dir>/
+        catalog.db          SQLite catalog (WAL)
+        blockd.lock         flock: held by the process that writes volume data
+        volumes/<id>/       chunk files, created on first write
+        locks/<id>.lock     flock: held while a volume is open (attached)
+
+Owns paths and locks; never reads or writes volume data.
+"""
+
+import errno
+import fcntl
+import os
+import shutil
+
+from .catalog import Catalog
+from .errors import BadInput, BlockdError, Busy, ReadOnly
+
+ENV_DATA_DIR = "BLOCKD_DATA_DIR"
+
+
+def default_data_dir():
+    """``$BLOCKD_DATA_DIR``, else /var/lib/blockd for root, else ~/.local/share/blockd."""
+    env = os.environ.get(ENV_DATA_DIR)
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/blockd"
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "blockd")
+
+
+class DataDir:
+    def __init__(self, path):
+        if not path:
+            raise BadInput("invalid data dir: empty path")
+        self.path = os.path.abspath(path)
+        self.catalog_path = os.path.join(self.path, "catalog.db")
+        self.volumes_path = os.path.join(self.path, "volumes")
+        self.locks_path = os.path.join(self.path, "locks")
+        self.lock_path = os.path.join(self.path, "blockd.lock")
+        self._lock_fd = None
+
+    def init(self):
+        """Create the directory tree if missing; refuse clearly on a read-only or bad path."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise BadInput(f"invalid data dir {self.path}: exists and is not a directory")
+        try:
+            for p in (self.path, self.volumes_path, self.locks_path):
+                os.makedirs(p, mode=0o700, exist_ok=True)
+            probe = os.path.join(self.path, ".write-probe")
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
+                raise ReadOnly(f"data dir {self.path}: read-only filesystem") from exc
+            raise BlockdError(f"data dir {self.path}: {exc.strerror}") from exc
+        return self
+
+    def exists(self):
+        return os.path.exists(self.catalog_path)
+
+    def catalog(self, create=True):
+        if create:
+            self.init()
+        elif not self.exists():
+            raise BlockdError(f"data dir {self.path}: no catalog (create a volume first)")
+        return Catalog(self.catalog_path)
+
+    def volume_path(self, volume_id):
+        return os.path.join(self.volumes_path, str(volume_id))
+
+    # ---- locks -------------------------------------------------------------
+    def lock(self):
+        """Take the data-dir lock (non-blocking) and return its fd; refuse if held."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise Busy(f"data dir {self.path} is in use by blockd pid {holder}; stop it or use another --data-dir")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        return fd
+
+    def adopt_lock(self, fd):
+        """Use a lock fd inherited from `blockd serve` (exec'd into nbdkit)."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # same open file: succeeds if ours
+        except OSError as exc:
+            raise Busy(f"data dir {self.path}: inherited lock fd {fd} is not usable: {exc.strerror}") from exc
+        self._lock_fd = fd
+        return fd
+
+    def is_locked(self):
+        """True if some process holds the data-dir lock."""
+        if not os.path.exists(self.lock_path):
+            return False
+        fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def unlock(self):
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def volume_lock(self, volume_id, blocking=False):
+        """flock held while a volume is open; None if another process holds it."""
+        os.makedirs(self.locks_path, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.locks_path, f"{volume_id}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def remove_volume_files(self, volume_id):
+        shutil.rmtree(self.volume_path(volume_id), ignore_errors=True)
+        try:
+            os.unlink(os.path.join(self.locks_path, f"{volume_id}.lock"))
+        except FileNotFoundError:
+            pass

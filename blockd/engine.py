@@ -1,0 +1,113 @@
+"""The engine: the set of open volumes one server process shares across connections.
+
+Owns opening a volume by name (looked up in the catalog on every attach, so a
+volume created while the server runs is attachable at once), reference counts
+(all NBD connections to one export share one ``Volume``, so a flush on one
+covers writes from all: multi-conn), the per-volume lock that keeps an
+attached volume from being deleted, and closing (flush) when the last
+connection goes.  It never speaks NBD and never parses configuration.
+"""
+
+import os
+import threading
+
+from .errors import Busy, NotFound
+from .fileio import OsFiles
+from .sizes import check_name
+from .store import ChunkStore
+from .volume import Volume
+
+EXPORT_LIST_LIMIT = 1000  # nbdkit refuses lists over 10,000; clients attach any name regardless
+
+
+class _Open:
+    __slots__ = ("volume", "refs", "lock_fd")
+
+    def __init__(self, volume, lock_fd):
+        self.volume = volume
+        self.refs = 0
+        self.lock_fd = lock_fd
+
+
+class Engine:
+    def __init__(self, datadir, files=None, events=None):
+        self.datadir = datadir
+        self.files = files or OsFiles()
+        self.events = events
+        self.catalog = datadir.catalog()
+        self._lock = threading.Lock()
+        self._open = {}  # volume id -> _Open
+
+    def open(self, name, readonly=False):
+        """Attach: the shared Volume for ``name`` (refcounted)."""
+        check_name(name)
+        row = self.catalog.find_volume(name)
+        if row is None:
+            raise NotFound(f"unknown export {name!r}: no such volume")
+        with self._lock:
+            entry = self._open.get(row["id"])
+            if entry is None:
+                entry = self._open_volume(row)
+                self._open[row["id"]] = entry
+            entry.refs += 1
+            return entry.volume
+
+    def _open_volume(self, row):
+        lock_fd = self.datadir.volume_lock(row["id"])
+        if lock_fd is None:
+            raise Busy(f"volume {row['name']} is held by another process")
+        try:
+            # Re-read under the lock: it may have been deleted meanwhile.
+            again = self.catalog.volume_by_id(row["id"])
+            if again is None:
+                raise NotFound(f"unknown export {row['name']!r}: volume was deleted")
+            store = ChunkStore(self.files, self.datadir.volume_path(row["id"]), row["chunk_size"])
+            store.open()
+            volume = Volume(row["name"], row["id"], again["size"], store, events=self.events)
+            return _Open(volume, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    def release(self, volume):
+        """Detach one connection; the last one flushes and closes."""
+        with self._lock:
+            entry = self._open.get(volume.volume_id)
+            if entry is None:
+                return
+            entry.refs -= 1
+            if entry.refs > 0:
+                return
+            del self._open[volume.volume_id]
+        try:
+            entry.volume.close()
+        finally:
+            os.close(entry.lock_fd)
+
+    def open_volumes(self):
+        with self._lock:
+            return [e.volume for e in self._open.values()]
+
+    def export_names(self, limit=EXPORT_LIST_LIMIT):
+        try:
+            return self.catalog.volume_names(limit)
+        except Exception:  # a listing must never fail the handshake
+            return []
+
+    def flush_all(self):
+        for volume in self.open_volumes():
+            try:
+                volume.flush()
+            except Exception:
+                pass
+
+    def close(self):
+        with self._lock:
+            entries = list(self._open.values())
+            self._open.clear()
+        for entry in entries:
+            try:
+                entry.volume.close()
+            finally:
+                os.close(entry.lock_fd)
+        self.catalog.close()

@@ -1,0 +1,105 @@
+"""What the nbdkit plugin calls: configuration, the shared engine, exports.
+
+The plugin file (plugins/blockd_nbd.py) stays boring; this module holds the
+little state an nbdkit process has (one Engine) and turns plugin parameters
+into it.  It never imports nbdkit, so it is testable without nbdkit.
+
+Handles returned by ``open_export`` are ``Volume`` objects (shared by every
+connection to the same export) wrapped in a per-connection ``Export`` that
+knows whether the connection is read-only.
+"""
+
+from .datadir import DataDir
+from .engine import Engine
+from .errors import BadInput, ReadOnly
+from .sizes import format_size
+from .volume import wrap_unexpected
+
+BLOCK_SIZES = (1, 4096, 32 * 1024 * 1024)  # min 1 (we read-modify-write), preferred one block, max NBD's usual 32M
+
+_KEYS = {"data_dir", "lock_fd"}
+_config = {}
+_engine = None
+
+
+def config(key, value):
+    if key not in _KEYS:
+        raise BadInput(f"unknown parameter {key!r}: blockd takes {', '.join(sorted(_KEYS))}")
+    _config[key] = value
+
+
+def config_complete():
+    if "data_dir" not in _config:
+        raise BadInput("data_dir=DIR is required")
+    if "lock_fd" in _config:
+        try:
+            int(_config["lock_fd"])
+        except ValueError:
+            raise BadInput(f"invalid lock_fd {_config['lock_fd']!r}") from None
+
+
+def get_ready():
+    global _engine
+    datadir = DataDir(_config["data_dir"]).init()
+    if "lock_fd" in _config:
+        datadir.adopt_lock(int(_config["lock_fd"]))
+    else:
+        datadir.lock()
+    _engine = Engine(datadir)
+
+
+def after_fork():
+    """Threads (replication, metrics) start here, never before nbdkit forks."""
+
+
+def cleanup():
+    if _engine is not None:
+        _engine.close()
+
+
+def list_exports():
+    return [(name, "blockd volume") for name in _engine.export_names()]
+
+
+class Export:
+    """One NBD connection's handle: the shared Volume plus this connection's mode."""
+
+    __slots__ = ("volume", "readonly", "size", "read", "write", "flush", "trim", "zero", "cache", "extents")
+
+    def __init__(self, volume, readonly):
+        self.volume = volume
+        self.readonly = readonly or volume.readonly
+        self.size = volume.size
+        # Bound methods straight onto the handle: one attribute lookup per request.
+        self.read = volume.read
+        self.write = volume.write if not self.readonly else self._refuse
+        self.flush = volume.flush
+        self.trim = volume.trim if not self.readonly else self._refuse2
+        self.zero = volume.zero if not self.readonly else self._refuse2
+        self.cache = volume.cache
+        self.extents = volume.extents
+
+    def _refuse(self, *args):
+        raise ReadOnly(f"{self.volume.name}: connection is read-only")
+
+    _refuse2 = _refuse
+
+
+def open_export(name, readonly):
+    if not name:
+        raise BadInput("no export name given: attach a volume by name, e.g. nbd://HOST/VOLUME")
+    return Export(_engine.open(name, readonly), readonly)
+
+
+def close_export(handle):
+    if handle is not None and _engine is not None:
+        _engine.release(handle.volume)
+
+
+def describe(handle):
+    v = handle.volume
+    return f"blockd volume {v.name} ({format_size(v.size)})"
+
+
+def to_error(context, exc):
+    return wrap_unexpected(context, exc)

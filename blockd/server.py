@@ -1,0 +1,140 @@
+"""``blockd serve``: turn options into an nbdkit command line and exec it.
+
+The serve PID becomes nbdkit's (exec, not fork), so ``kill -9`` of it is a
+real crash of the server and nothing is left orphaned.  The data-dir lock is
+taken here and inherited by nbdkit (the plugin adopts it), so a second server
+on the same data dir is refused before anything starts.  Owns finding
+nbdkit, the plugin and the Python path the embedded interpreter needs.
+"""
+
+import errno
+import os
+import shutil
+import socket
+import sys
+
+from . import checksum
+from .errors import BadInput, BlockdError, Refused
+
+DEFAULT_LISTEN = "127.0.0.1:10809"
+DEFAULT_THREADS = 4  # GIL-bound: more threads add contention (see docs/ARCHITECTURE.md, tools/bench)
+URI_LIST_MAX = 20
+
+
+def parse_listen(text):
+    """``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``unix:PATH`` -> ("tcp", host, port) | ("unix", path)."""
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise BadInput("invalid --listen unix: needs a socket path, e.g. unix:/run/blockd.sock")
+        return ("unix", os.path.abspath(path))
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, "10809"
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise BadInput(f"invalid --listen {text!r}: port must be a number") from None
+    if not 0 < port_number < 65536:
+        raise BadInput(f"invalid --listen {text!r}: port must be 1-65535")
+    return ("tcp", host, port_number)
+
+
+def find_plugin():
+    """The nbdkit plugin file, from $BLOCKD_PLUGIN, a checkout, or an installed share dir."""
+    candidates = [os.environ.get("BLOCKD_PLUGIN")]
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates.append(os.path.join(os.path.dirname(here), "plugins", "blockd_nbd.py"))
+    candidates.append(os.path.join(sys.prefix, "share", "blockd", "plugins", "blockd_nbd.py"))
+    for path in candidates:
+        if path and os.path.isfile(path):
+            return path
+    raise BlockdError("cannot find plugins/blockd_nbd.py: set BLOCKD_PLUGIN or reinstall blockd")
+
+
+def python_path():
+    """sys.path of this interpreter (the venv) for nbdkit's embedded Python."""
+    parts = []
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for p in [here, *sys.path]:
+        if p and os.path.isdir(p) and p not in parts:
+            parts.append(p)
+    return os.pathsep.join(parts)
+
+
+def clear_stale_socket(path):
+    """Remove a unix socket left by a killed server; refuse if one is listening."""
+    if not os.path.exists(path):
+        return
+    import stat
+
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise BadInput(f"invalid --listen unix:{path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)
+            return
+        raise
+    finally:
+        probe.close()
+    raise Refused(f"another server is listening on unix:{path}")
+
+
+def uri(listen, name):
+    if listen[0] == "unix":
+        return f"nbd+unix:///{name}?socket={listen[1]}"
+    host = listen[1]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"nbd://{host}:{listen[2]}/{name}"
+
+
+def build_command(datadir_path, listen, threads, lock_fd, nbdkit="nbdkit", verbose=False):
+    cmd = [nbdkit, "-f", "--threads", str(threads)]
+    if verbose:
+        cmd.append("-v")
+    if listen[0] == "unix":
+        cmd += ["-U", listen[1]]
+    else:
+        cmd += ["-i", listen[1], "-p", str(listen[2])]
+    cmd += ["python", find_plugin(), f"data_dir={datadir_path}"]
+    if lock_fd is not None:
+        cmd.append(f"lock_fd={lock_fd}")
+    return cmd
+
+
+def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=False, out=sys.stdout):
+    listen = parse_listen(listen_text)
+    if threads < 1 or threads > 1024:
+        raise BadInput(f"invalid --threads {threads}: use 1-1024")
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise BlockdError("nbdkit not found: run `make setup` (installs nbdkit and nbdkit-plugin-python)")
+    datadir.init()
+    lock_fd = datadir.lock()
+    catalog = datadir.catalog()
+    try:
+        count = catalog.count_volumes()
+        names = catalog.volume_names(URI_LIST_MAX) if count <= URI_LIST_MAX else []
+    finally:
+        catalog.close()
+    if listen[0] == "unix":
+        clear_stale_socket(listen[1])
+    os.set_inheritable(lock_fd, True)
+    cmd = build_command(datadir.path, listen, threads, lock_fd, nbdkit, verbose)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = python_path()
+    env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]  # set by blockd.checksum: one shared JIT cache
+    if count <= URI_LIST_MAX:
+        for name in names:
+            print(f"{name} {uri(listen, name)}", file=out)
+        if not names:
+            print(f"no volumes yet: blockd volume create NAME --size SIZE, then attach {uri(listen, 'NAME')}", file=out)
+    else:
+        print(f"{count} volumes: {uri(listen, 'NAME')}", file=out)
+    out.flush()
+    os.execve(nbdkit, cmd, env)

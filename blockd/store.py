@@ -1,0 +1,354 @@
+"""The chunk store: one volume's sparse chunk files, checksums and intent log.
+
+Owns the bytes on disk for one volume directory:
+
+    volumes/<id>/
+        <chunk_index:016x>.chunk   sparse, chunk_size bytes, holes read as zeros
+        checksums                  u64 xxh64 per 4 KiB block, chunk c at c*8*blocks_per_chunk
+        intent.log                 chunks that may differ from their durable checksums
+
+The store keeps every touched chunk's checksums in memory, makes them durable
+on flush, and recomputes them at open for chunks named in the intent log.  It
+never interprets requests (that is the volume's job) and never decides policy;
+it performs file I/O only through a ``Files`` object.
+
+Locking: ``_lock`` guards the maps and the dirty set.  File descriptors are
+pinned while in use so the LRU never closes one under a reader; descriptors of
+chunks written since the last flush stay open until that flush (so fdatasync
+sees writeback errors on the descriptor that wrote).
+"""
+
+import collections
+import os
+import threading
+
+import numpy as np
+
+from . import checksum
+from .errors import VolumeFailed, from_oserror
+from .geometry import BLOCK_SIZE
+from .intent import IntentLog
+
+MAX_OPEN_CHUNKS = 256  # descriptors kept open per volume beyond the dirty ones
+SUMS_FILE = "checksums"
+INTENT_FILE = "intent.log"
+
+
+def chunk_filename(chunk_index):
+    return f"{chunk_index:016x}.chunk"
+
+
+class ChunkStore:
+    def __init__(self, files, root, chunk_size):
+        self.files = files
+        self.root = root
+        self.chunk_size = chunk_size
+        self.blocks_per_chunk = chunk_size // BLOCK_SIZE
+        self._sums_bytes = self.blocks_per_chunk * 8
+        self._zero_sums = np.full(self.blocks_per_chunk, checksum.ZERO_BLOCK_HASH, dtype=np.uint64)
+        self._zero_sums.setflags(write=False)
+        self._lock = threading.Lock()
+        self._sums = {}  # chunk_index -> np.uint64 array (maybe the shared read-only zero array)
+        self._exists = {}  # chunk_index -> bool
+        self._fds = collections.OrderedDict()  # chunk_index -> fd, LRU order
+        self._pins = collections.Counter()
+        self.dirty = set()  # written since the last flush began
+        self._dir_dirty = False
+        self._sums_fd = None
+        self._root_ready = False
+        self.intent = IntentLog(files, os.path.join(root, INTENT_FILE))
+        self.failed = None  # reason, once durability can no longer be trusted
+        self.recovered_chunks = 0
+
+    # ---- open / recovery -------------------------------------------------
+    def open(self):
+        """Load the intent log and recompute checksums of chunks dirty at the last crash."""
+        if not self.files.exists(self.root):
+            return
+        self._root_ready = True
+        pending = sorted(self.intent.load())
+        if pending:
+            self._recover(pending)
+
+    def _recover(self, chunk_indexes):
+        buf = np.empty(self.chunk_size, dtype=np.uint8)
+        for c in chunk_indexes:
+            path = self._chunk_path(c)
+            if not self.files.exists(path):
+                self._exists[c] = False
+                self._sums[c] = self._zero_sums
+                continue
+            fd = self.files.open(path)
+            try:
+                self.files.pread_into(fd, memoryview(buf), 0)
+                # Make the data we are about to vouch for durable first: after
+                # kill -9 it may still be only in the page cache.
+                self.files.fdatasync(fd)
+            finally:
+                self.files.close(fd)
+            sums = np.empty(self.blocks_per_chunk, dtype=np.uint64)
+            checksum.hash_blocks(buf, sums)
+            self._exists[c] = True
+            self._sums[c] = sums
+            self._write_sums(c, sums)
+        self.files.fsync_dir(self.root)
+        self._sync_sums()
+        # Only now, with data and checksums durable, forget the chunks.
+        self.intent.chunks = set()
+        self.intent.rewrite()
+        self.recovered_chunks = len(chunk_indexes)
+
+    # ---- paths and descriptors -------------------------------------------
+    def _chunk_path(self, chunk_index):
+        return os.path.join(self.root, chunk_filename(chunk_index))
+
+    def _ensure_root(self):
+        if self._root_ready:
+            return
+        if self.files.mkdir(self.root):
+            self.files.fsync_dir(os.path.dirname(self.root))
+        self._root_ready = True
+
+    def exists(self, chunk_index):
+        known = self._exists.get(chunk_index)
+        if known is None:
+            known = self._root_ready and self.files.exists(self._chunk_path(chunk_index))
+            self._exists[chunk_index] = known
+        return known
+
+    def pin(self, chunk_index, create=False):
+        """Return an open descriptor for the chunk, pinned; None if it does not exist."""
+        with self._lock:
+            fd = self._fds.get(chunk_index)
+            if fd is not None:
+                self._fds.move_to_end(chunk_index)
+                self._pins[chunk_index] += 1
+                return fd
+            if not self.exists(chunk_index):
+                if not create:
+                    return None
+                self._ensure_root()
+                fd = self.files.open(self._chunk_path(chunk_index), create=True, size=self.chunk_size)
+                self._exists[chunk_index] = True
+                # A new file is all holes: never read stale sidecar entries for it.
+                self._sums[chunk_index] = self._zero_sums
+                self._dir_dirty = True
+            else:
+                fd = self.files.open(self._chunk_path(chunk_index))
+            self._fds[chunk_index] = fd
+            self._pins[chunk_index] += 1
+            self._evict_locked()
+            return fd
+
+    def unpin(self, chunk_index):
+        with self._lock:
+            self._pins[chunk_index] -= 1
+            if self._pins[chunk_index] <= 0:
+                del self._pins[chunk_index]
+
+    def _evict_locked(self):
+        if len(self._fds) <= MAX_OPEN_CHUNKS:
+            return
+        for c in list(self._fds):
+            if len(self._fds) <= MAX_OPEN_CHUNKS:
+                break
+            if c in self._pins or c in self.dirty or c in self._flushing:
+                continue
+            self.files.close(self._fds.pop(c))
+
+    _flushing = frozenset()
+
+    # ---- checksums ---------------------------------------------------------
+    def sums(self, chunk_index):
+        """The chunk's per-block checksums (read-only view for chunks never written)."""
+        sums = self._sums.get(chunk_index)
+        if sums is None:
+            with self._lock:
+                sums = self._sums.get(chunk_index)
+                if sums is None:
+                    sums = self._load_sums(chunk_index)
+                    self._sums[chunk_index] = sums
+        return sums
+
+    def writable_sums(self, chunk_index):
+        sums = self.sums(chunk_index)
+        if not sums.flags.writeable:
+            with self._lock:
+                sums = self._sums[chunk_index]
+                if not sums.flags.writeable:
+                    sums = sums.copy()
+                    self._sums[chunk_index] = sums
+        return sums
+
+    def _load_sums(self, chunk_index):
+        if not self.exists(chunk_index):
+            return self._zero_sums
+        sums = np.zeros(self.blocks_per_chunk, dtype=np.uint64)
+        path = os.path.join(self.root, SUMS_FILE)
+        if self.files.exists(path):
+            fd = self._open_sums()
+            self.files.pread_into(fd, memoryview(sums).cast("B"), chunk_index * self._sums_bytes)
+        return sums
+
+    def _open_sums(self):
+        if self._sums_fd is None:
+            path = os.path.join(self.root, SUMS_FILE)
+            existed = self.files.exists(path)
+            self._sums_fd = self.files.open(path, create=True)
+            if not existed:
+                self._dir_dirty = True
+        return self._sums_fd
+
+    def _write_sums(self, chunk_index, sums):
+        fd = self._open_sums()
+        self.files.pwrite(fd, memoryview(np.ascontiguousarray(sums)).cast("B"), chunk_index * self._sums_bytes)
+
+    def _sync_sums(self):
+        if self._sums_fd is not None:
+            self.files.fdatasync(self._sums_fd)
+        if self._dir_dirty:
+            self._dir_dirty = False
+            self.files.fsync_dir(self.root)
+
+    # ---- data ---------------------------------------------------------------
+    def mark_dirty(self, chunk_indexes):
+        """Record chunks as written; durable in the intent log before returning."""
+        if self.failed:
+            raise VolumeFailed(f"volume failed: {self.failed}; writes refused")
+        with self._lock:
+            self.dirty.update(chunk_indexes)
+            if any(c not in self.intent.chunks for c in chunk_indexes):
+                self._ensure_root()
+                try:
+                    self.intent.add(chunk_indexes)
+                except OSError as exc:
+                    self._fail(f"intent log: {exc.strerror}")
+                    raise from_oserror("intent log", exc) from exc
+
+    def read_into(self, fd, chunk_offset, buf):
+        self.files.pread_into(fd, buf, chunk_offset)
+
+    def write(self, fd, chunk_offset, buf):
+        self.files.pwrite(fd, buf, chunk_offset)
+
+    def punch(self, fd, chunk_offset, length):
+        self.files.punch_hole(fd, chunk_offset, length)
+
+    def drop_if_empty(self, chunk_index):
+        """Unlink a chunk whose blocks are all zero (caller holds the range lock)."""
+        sums = self._sums.get(chunk_index)
+        if sums is None or not self.exists(chunk_index):
+            return False
+        if checksum.count_equal(sums, checksum.ZERO_BLOCK_HASH) != self.blocks_per_chunk:
+            return False
+        with self._lock:
+            if chunk_index in self._pins:
+                return False
+            fd = self._fds.pop(chunk_index, None)
+            if fd is not None:
+                self.files.close(fd)
+            self.files.unlink(self._chunk_path(chunk_index))
+            self._exists[chunk_index] = False
+            self._sums[chunk_index] = self._zero_sums
+            self._dir_dirty = True
+        return True
+
+    def sync_chunks(self, chunk_indexes):
+        """fdatasync the given chunks' data (FUA); directory too if files were created."""
+        try:
+            for c in chunk_indexes:
+                fd = self.pin(c)
+                if fd is None:
+                    continue
+                try:
+                    self.files.fdatasync(fd)
+                finally:
+                    self.unpin(c)
+            if self._dir_dirty:
+                self._dir_dirty = False
+                self.files.fsync_dir(self.root)
+        except OSError as exc:
+            self._fail(f"fdatasync: {exc.strerror}")
+            raise VolumeFailed(f"volume failed: fdatasync: {exc.strerror}") from exc
+
+    def flush(self):
+        """Make every write so far durable, with its checksums, then clear the intent log."""
+        if self.failed:
+            raise VolumeFailed(f"volume failed: {self.failed}")
+        with self._lock:
+            batch = self.dirty
+            self.dirty = set()
+            self._flushing = frozenset(batch)
+        try:
+            for c in sorted(batch):
+                with self._lock:
+                    fd = self._fds.get(c)
+                    if fd is None:
+                        continue  # dropped (all zero) since it was written
+                    self._pins[c] += 1
+                try:
+                    self.files.fdatasync(fd)
+                finally:
+                    self.unpin(c)
+            if self._dir_dirty:
+                self._dir_dirty = False
+                self.files.fsync_dir(self.root)
+            for c in sorted(batch):
+                sums = self._sums.get(c)
+                if sums is not None and self.exists(c):
+                    self._write_sums(c, sums)
+            self._sync_sums()
+            with self._lock:
+                clean = [c for c in batch if c not in self.dirty]
+                self.intent.remove(clean)
+        except OSError as exc:
+            self._fail(f"flush: {exc.strerror}")
+            raise VolumeFailed(f"volume failed: flush: {exc.strerror}") from exc
+        finally:
+            with self._lock:
+                self._flushing = frozenset()
+                self._evict_locked()
+
+    def _fail(self, reason):
+        # An fdatasync that failed may have dropped the dirty pages: retrying
+        # and trusting a later success would lie.  Refuse writes from now on.
+        if not self.failed:
+            self.failed = reason
+
+    # ---- inspection ------------------------------------------------------
+    def chunk_indexes(self):
+        """Chunk files present on disk, sorted."""
+        if not os.path.isdir(self.root):
+            return []
+        out = []
+        for name in os.listdir(self.root):
+            if name.endswith(".chunk"):
+                try:
+                    out.append(int(name[:-6], 16))
+                except ValueError:
+                    continue
+        return sorted(out)
+
+    def allocated_bytes(self):
+        """Physical bytes used by the volume directory (st_blocks), never failing on a vanished file."""
+        total = 0
+        try:
+            with os.scandir(self.root) as it:
+                for entry in it:
+                    try:
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+                    except FileNotFoundError:
+                        continue
+        except FileNotFoundError:
+            return 0
+        return total
+
+    def close(self):
+        with self._lock:
+            for fd in self._fds.values():
+                self.files.close(fd)
+            self._fds.clear()
+            if self._sums_fd is not None:
+                self.files.close(self._sums_fd)
+                self._sums_fd = None
+            self.intent.close()

@@ -1,0 +1,398 @@
+"""A volume: requests in, verified blocks out.
+
+Owns the request semantics for one volume: range locking, read-modify-write
+of partial blocks, per-block checksums (computed on write, verified on every
+read), zero-block detection (all-zero blocks become holes), trim, zeroing,
+flush and extents.  It does file I/O only through its ``ChunkStore`` and
+never knows about NBD, sockets or the catalog.
+
+Unaligned write, drawn (B = 4 KiB block):
+
+    |----B----|----B----|----B----|----B----|
+         |<========= request =========>|
+    |head|                             |tail|   read (verified), merged
+    |<-------- locked and written whole blocks -------->|
+"""
+
+import errno
+import os
+
+import numpy as np
+
+from . import checksum
+from .errors import BlockdError, ChecksumError, NoSpace, OutOfRange, ReadOnly, from_oserror
+from .geometry import BLOCK_SIZE, segments
+from .rangelock import RangeLock
+
+EXTENT_HOLE = 1
+EXTENT_ZERO = 2
+EXTENT_SCAN_LIMIT = 1 << 30  # answer block status for at most 1 GiB per call; clients ask again
+ZERO = checksum.ZERO_BLOCK_HASH
+_MASK = ~(BLOCK_SIZE - 1)
+
+
+class NullEvents:
+    """What the volume reports; the server wires in metrics."""
+
+    def checksum_error(self, volume, offsets):
+        pass
+
+
+class Volume:
+    def __init__(self, name, volume_id, size, store, readonly=False, events=None):
+        self.name = name
+        self.volume_id = volume_id
+        self.size = size
+        self.store = store
+        self.readonly = readonly
+        self.events = events or NullEvents()
+        self.chunk_size = store.chunk_size
+        self._locks = RangeLock()
+        self.checksum_errors = 0
+
+    # ---- helpers -----------------------------------------------------------
+    def _check_range(self, offset, length):
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfRange(
+                f"{self.name}: request [{offset}, {offset + length}) is past the end of the volume ({self.size} bytes)"
+            )
+
+    def _check_writable(self):
+        if self.readonly:
+            raise ReadOnly(f"{self.name}: volume is read-only")
+
+    # ---- read --------------------------------------------------------------
+    def read(self, buf, offset):
+        """Fill ``buf`` (writable buffer) with the volume's bytes at ``offset``, verified."""
+        length = len(buf)
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        start = offset & _MASK
+        end = (offset + length + BLOCK_SIZE - 1) & _MASK
+        held = self._locks.acquire(start, end, False)
+        try:
+            if start == offset and end == offset + length:
+                self._read_blocks(memoryview(buf).cast("B"), offset)
+            else:
+                tmp = bytearray(end - start)
+                self._read_blocks(memoryview(tmp), start)
+                memoryview(buf).cast("B")[:] = memoryview(tmp)[offset - start : offset - start + length]
+        finally:
+            self._locks.release(held)
+
+    def _read_blocks(self, view, offset):
+        """Read whole blocks at an aligned ``offset`` into ``view`` and verify them."""
+        store = self.store
+        for seg in segments(offset, len(view), self.chunk_size):
+            c = seg.chunk_index
+            first = seg.chunk_offset // BLOCK_SIZE
+            count = seg.length // BLOCK_SIZE
+            part = view[seg.buf_offset : seg.buf_offset + seg.length]
+            expected = store.sums(c)[first : first + count]
+            arr = np.frombuffer(part, dtype=np.uint8)
+            if checksum.count_equal(expected, ZERO) == count:
+                arr[:] = 0  # a hole by our own records: no I/O
+                continue
+            fd = store.pin(c)
+            if fd is None:
+                arr[:] = 0
+            else:
+                try:
+                    store.read_into(fd, seg.chunk_offset, part)
+                except OSError as exc:
+                    raise from_oserror(f"{self.name}: read chunk {c}", exc) from exc
+                finally:
+                    store.unpin(c)
+            bad = checksum.verify_blocks(arr, expected)
+            if len(bad):
+                base = c * self.chunk_size + seg.chunk_offset
+                offsets = [base + int(i) * BLOCK_SIZE for i in bad]
+                self.checksum_errors += len(offsets)
+                self.events.checksum_error(self, offsets)
+                raise ChecksumError(
+                    f"{self.name}: checksum mismatch in {len(offsets)} block(s) at offset {offsets[0]}", offsets
+                )
+
+    # ---- write -------------------------------------------------------------
+    def write(self, buf, offset, fua=False):
+        length = len(buf)
+        self._check_writable()
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        start = offset & _MASK
+        end = (offset + length + BLOCK_SIZE - 1) & _MASK
+        held = self._locks.acquire(start, end, True)
+        try:
+            if start == offset and end == offset + length:
+                data = np.frombuffer(buf, dtype=np.uint8)
+            else:
+                data = self._merge_edges(buf, offset, start, end)
+            touched = self._write_blocks(data, start)
+        finally:
+            self._locks.release(held)
+        if fua:
+            self.store.sync_chunks(touched)
+
+    def _merge_edges(self, buf, offset, start, end):
+        """Widen an unaligned write to whole blocks: read (and verify) head and tail."""
+        tmp = bytearray(end - start)
+        view = memoryview(tmp)
+        if offset != start:
+            self._read_blocks(view[:BLOCK_SIZE], start)
+        tail = end - BLOCK_SIZE
+        if offset + len(buf) != end and (tail != start or offset == start):
+            self._read_blocks(view[tail - start :], tail)
+        view[offset - start : offset - start + len(buf)] = memoryview(buf).cast("B")
+        return np.frombuffer(tmp, dtype=np.uint8)
+
+    def _write_blocks(self, data, offset):
+        """Write whole blocks at aligned ``offset``; all-zero blocks become holes."""
+        store = self.store
+        nblocks = len(data) // BLOCK_SIZE
+        sums = np.empty(nblocks, dtype=np.uint64)
+        zflags = np.empty(nblocks, dtype=np.uint8)
+        nzero = checksum.hash_blocks_zero(data, sums, zflags)
+        segs = segments(offset, len(data), self.chunk_size)
+        store.mark_dirty([s.chunk_index for s in segs])
+        done = []
+        try:
+            for seg in segs:
+                c = seg.chunk_index
+                first = seg.chunk_offset // BLOCK_SIZE
+                b = seg.buf_offset // BLOCK_SIZE
+                count = seg.length // BLOCK_SIZE
+                part = data[seg.buf_offset : seg.buf_offset + seg.length]
+                seg_zero = zflags[b : b + count]
+                zeros = 0 if nzero == 0 else int(np.count_nonzero(seg_zero))
+                if zeros == count:
+                    if store.exists(c):
+                        self._punch(c, seg.chunk_offset, seg.length)
+                        store.writable_sums(c)[first : first + count] = ZERO
+                        store.drop_if_empty(c)
+                    done.append(c)
+                    continue
+                fd = store.pin(c, create=True)
+                try:
+                    if zeros == 0:
+                        store.write(fd, seg.chunk_offset, part)
+                    else:
+                        self._write_runs(fd, seg.chunk_offset, part, seg_zero)
+                finally:
+                    store.unpin(c)
+                store.writable_sums(c)[first : first + count] = sums[b : b + count]
+                done.append(c)
+        except OSError as exc:
+            # Some blocks may hold new data: re-read what is really there so a
+            # later read never reports a false checksum error.
+            self._resync_sums(offset, len(data))
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"{self.name}: no space left in the data dir") from exc
+            raise from_oserror(f"{self.name}: write", exc) from exc
+        return done
+
+    def _write_runs(self, fd, chunk_offset, part, zero_flags):
+        edges = np.flatnonzero(np.diff(zero_flags)) + 1
+        bounds = [0, *edges.tolist(), len(zero_flags)]
+        for lo, hi in zip(bounds, bounds[1:]):
+            o = chunk_offset + lo * BLOCK_SIZE
+            if zero_flags[lo]:
+                self.store.punch(fd, o, (hi - lo) * BLOCK_SIZE)
+            else:
+                self.store.write(fd, o, part[lo * BLOCK_SIZE : hi * BLOCK_SIZE])
+
+    def _punch(self, c, chunk_offset, length):
+        fd = self.store.pin(c)
+        if fd is None:
+            return
+        try:
+            self.store.punch(fd, chunk_offset, length)
+        finally:
+            self.store.unpin(c)
+
+    def _resync_sums(self, offset, length):
+        store = self.store
+        for seg in segments(offset, length, self.chunk_size):
+            c = seg.chunk_index
+            fd = store.pin(c)
+            if fd is None:
+                continue
+            try:
+                buf = np.empty(seg.length, dtype=np.uint8)
+                store.read_into(fd, seg.chunk_offset, memoryview(buf))
+                sums = np.empty(seg.length // BLOCK_SIZE, dtype=np.uint64)
+                checksum.hash_blocks(buf, sums)
+                first = seg.chunk_offset // BLOCK_SIZE
+                store.writable_sums(c)[first : first + len(sums)] = sums
+            except OSError:
+                pass
+            finally:
+                store.unpin(c)
+
+    # ---- trim / zero -------------------------------------------------------
+    def trim(self, offset, length, fua=False):
+        """Give whole blocks in the range back to the filesystem (partial blocks are left)."""
+        self._check_writable()
+        self._check_range(offset, length)
+        first = (offset + BLOCK_SIZE - 1) & _MASK
+        last = (offset + length) & _MASK
+        if last <= first:
+            return
+        held = self._locks.acquire(first, last, True)
+        try:
+            touched = self._punch_blocks(first, last)
+        finally:
+            self._locks.release(held)
+        if fua:
+            self.store.sync_chunks(touched)
+
+    def zero(self, offset, length, fua=False):
+        """Make the range read as zeros: whole blocks are punched, edges rewritten."""
+        self._check_writable()
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        start = offset & _MASK
+        end = (offset + length + BLOCK_SIZE - 1) & _MASK
+        first = (offset + BLOCK_SIZE - 1) & _MASK
+        last = (offset + length) & _MASK
+        held = self._locks.acquire(start, end, True)
+        try:
+            touched = []
+            if last > first:
+                touched += self._punch_blocks(first, last)
+                edges = [(offset, first - offset), (last, offset + length - last)]
+            else:
+                edges = [(offset, length)]
+            for edge_offset, edge_length in edges:
+                if edge_length <= 0:
+                    continue
+                s = edge_offset & _MASK
+                e = (edge_offset + edge_length + BLOCK_SIZE - 1) & _MASK
+                data = self._merge_edges(bytes(edge_length), edge_offset, s, e)
+                touched += self._write_blocks(data, s)
+        finally:
+            self._locks.release(held)
+        if fua:
+            self.store.sync_chunks(touched)
+
+    def _punch_blocks(self, first, last):
+        store = self.store
+        segs = segments(first, last - first, self.chunk_size)
+        store.mark_dirty([s.chunk_index for s in segs])
+        for seg in segs:
+            c = seg.chunk_index
+            if not store.exists(c):
+                continue
+            if seg.length == self.chunk_size:
+                store.writable_sums(c)[:] = ZERO
+                if store.drop_if_empty(c):
+                    continue
+            try:
+                self._punch(c, seg.chunk_offset, seg.length)
+            except OSError as exc:
+                raise from_oserror(f"{self.name}: trim", exc) from exc
+            b = seg.chunk_offset // BLOCK_SIZE
+            store.writable_sums(c)[b : b + seg.length // BLOCK_SIZE] = ZERO
+            store.drop_if_empty(c)
+        return [s.chunk_index for s in segs]
+
+    # ---- flush / status ----------------------------------------------------
+    def flush(self):
+        self.store.flush()
+
+    def cache(self, offset, length):
+        """Prefetch: ask the kernel to read the chunks ahead (advisory)."""
+        self._check_range(offset, length)
+        for seg in segments(offset, length, self.chunk_size):
+            fd = self.store.pin(seg.chunk_index)
+            if fd is None:
+                continue
+            try:
+                os.posix_fadvise(fd, seg.chunk_offset, seg.length, os.POSIX_FADV_WILLNEED)
+            finally:
+                self.store.unpin(seg.chunk_index)
+
+    def extents(self, offset, length, req_one=False):
+        """(offset, length, flags) runs from the checksum map: zero blocks are holes."""
+        self._check_range(offset, length)
+        length = min(length, EXTENT_SCAN_LIMIT)
+        out = []
+
+        def add(o, n, kind):
+            if out and out[-1][2] == kind and out[-1][0] + out[-1][1] == o:
+                out[-1][1] += n
+            else:
+                out.append([o, n, kind])
+
+        hole = EXTENT_HOLE | EXTENT_ZERO
+        start = offset & _MASK
+        end = min(self.size, (offset + length + BLOCK_SIZE - 1) & _MASK)
+        for seg in segments(start, end - start, self.chunk_size):
+            c = seg.chunk_index
+            base = c * self.chunk_size
+            if not self.store.exists(c):
+                add(base + seg.chunk_offset, seg.length, hole)
+            else:
+                first = seg.chunk_offset // BLOCK_SIZE
+                count = seg.length // BLOCK_SIZE
+                is_zero = self.store.sums(c)[first : first + count] == ZERO
+                edges = np.flatnonzero(np.diff(is_zero)) + 1
+                bounds = [0, *edges.tolist(), count]
+                for lo, hi in zip(bounds, bounds[1:]):
+                    add(base + (first + lo) * BLOCK_SIZE, (hi - lo) * BLOCK_SIZE, hole if is_zero[lo] else 0)
+            if req_one and len(out) > 1:
+                break
+        # Clip the first extent to start at ``offset`` and the last to the request.
+        result = []
+        for o, n, kind in out:
+            lo = max(o, offset)
+            hi = min(o + n, offset + length)
+            if hi > lo:
+                result.append((lo, hi - lo, kind))
+        if req_one:
+            result = result[:1]
+        return result
+
+    # ---- scrub -------------------------------------------------------------
+    def scrub(self, progress=None):
+        """Verify every block of every chunk file; returns corrupt block offsets (bytes)."""
+        store = self.store
+        bad_offsets = []
+        chunks = store.chunk_indexes()
+        buf = np.empty(self.chunk_size, dtype=np.uint8)
+        for c in chunks:
+            fd = store.pin(c)
+            if fd is None:
+                if progress:
+                    progress(self.chunk_size)
+                continue
+            try:
+                store.read_into(fd, 0, memoryview(buf))
+            finally:
+                store.unpin(c)
+            bad = checksum.verify_blocks(buf, store.sums(c))
+            bad_offsets.extend(c * self.chunk_size + int(i) * BLOCK_SIZE for i in bad)
+            if progress:
+                progress(self.chunk_size)
+        if bad_offsets:
+            self.checksum_errors += len(bad_offsets)
+            self.events.checksum_error(self, bad_offsets)
+        return bad_offsets
+
+    def close(self):
+        try:
+            if not self.store.failed and not self.readonly:
+                self.store.flush()
+        finally:
+            self.store.close()
+
+
+def wrap_unexpected(context, exc):
+    """Turn an unexpected exception into a BlockdError (EIO) with context."""
+    if isinstance(exc, BlockdError):
+        return exc
+    if isinstance(exc, OSError):
+        return from_oserror(context, exc)
+    return BlockdError(f"{context}: BUG: {type(exc).__name__}: {exc}")

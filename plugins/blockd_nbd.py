@@ -1,0 +1,164 @@
+"""nbdkit entry point for blockd: a thin adapter, the only file that imports nbdkit.
+
+    nbdkit python plugins/blockd_nbd.py data_dir=DIR [lock_fd=N]
+
+Each callback is one call into ``blockd``; errors are translated to the errno
+the client should see (``nbdkit.set_error``) here and nowhere else.  Usually
+started by ``blockd serve``, which takes the data-dir lock and passes it on.
+"""
+
+import nbdkit
+
+from blockd import nbd_adapter as blockd
+
+API_VERSION = 2
+
+
+def _fail(context, exc):
+    err = blockd.to_error(context, exc)
+    nbdkit.set_error(err.errno)
+    raise err
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def config(key, value):
+    blockd.config(key, value)
+
+
+def config_complete():
+    blockd.config_complete()
+
+
+def get_ready():
+    blockd.get_ready()
+
+
+def after_fork():
+    blockd.after_fork()
+
+
+def cleanup():
+    blockd.cleanup()
+
+
+def list_exports(readonly, is_tls):
+    return blockd.list_exports()
+
+
+def default_export(readonly, is_tls):
+    return ""
+
+
+def open(readonly):
+    try:
+        return blockd.open_export(nbdkit.export_name(), readonly)
+    except Exception as exc:
+        _fail("open", exc)
+
+
+def close(h):
+    blockd.close_export(h)
+
+
+def export_description(h):
+    return blockd.describe(h)
+
+
+def get_size(h):
+    return h.size
+
+
+def block_size(h):
+    return blockd.BLOCK_SIZES
+
+
+def is_rotational(h):
+    return False
+
+
+def can_write(h):
+    return not h.readonly
+
+
+def can_flush(h):
+    return True
+
+
+def can_trim(h):
+    return True
+
+
+def can_zero(h):
+    return True
+
+
+def can_fast_zero(h):
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NATIVE
+
+
+def can_extents(h):
+    return True
+
+
+def can_multi_conn(h):
+    return True
+
+
+def pread(h, buf, offset, flags):
+    try:
+        h.read(buf, offset)
+    except Exception as exc:
+        _fail("read", exc)
+
+
+def pwrite(h, buf, offset, flags):
+    try:
+        h.write(buf, offset, flags & nbdkit.FLAG_FUA)
+    except Exception as exc:
+        _fail("write", exc)
+
+
+def flush(h, flags):
+    try:
+        h.flush()
+    except Exception as exc:
+        _fail("flush", exc)
+
+
+def trim(h, count, offset, flags):
+    try:
+        h.trim(offset, count, flags & nbdkit.FLAG_FUA)
+    except Exception as exc:
+        _fail("trim", exc)
+
+
+def zero(h, count, offset, flags):
+    try:
+        h.zero(offset, count, flags & nbdkit.FLAG_FUA)
+    except Exception as exc:
+        _fail("zero", exc)
+
+
+def cache(h, count, offset, flags):
+    try:
+        h.cache(offset, count)
+    except Exception as exc:
+        _fail("cache", exc)
+
+
+def extents(h, count, offset, flags):
+    try:
+        return h.extents(offset, count, flags & nbdkit.FLAG_REQ_ONE)
+    except Exception as exc:
+        _fail("extents", exc)

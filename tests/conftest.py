@@ -1,0 +1,161 @@
+"""Shared fixtures: data dirs, the blockd CLI, and a real `blockd serve` (nbdkit)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCKD = [sys.executable, "-m", "blockd.cli"]
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def run_cli(*args, data_dir=None, check=False, env=None, timeout=120):
+    """Run the blockd CLI as a user would; returns CompletedProcess (text)."""
+    cmd = list(BLOCKD)
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    cmd += [str(a) for a in args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def wait_for(predicate, timeout=60.0, interval=0.05, what="condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Server:
+    """A real `blockd serve` on a unix socket, started as a child process."""
+
+    def __init__(self, data_dir, sock, threads=None, extra=()):
+        self.data_dir = str(data_dir)
+        self.sock = str(sock)
+        self.threads = threads
+        self.extra = list(extra)
+        self.proc = None
+        self.log_path = os.path.join(os.path.dirname(self.sock), f"serve-{os.path.basename(self.sock)}.log")
+
+    def uri(self, name):
+        return f"nbd+unix:///{name}?socket={self.sock}"
+
+    def start(self, wait=True):
+        cmd = BLOCKD + ["serve", "--data-dir", self.data_dir, "--listen", f"unix:{self.sock}"]
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        cmd += self.extra
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout=120):
+        import nbd
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"blockd serve exited with {self.proc.returncode}: {self.log()}")
+            if not os.path.exists(self.sock):
+                return False
+            h = nbd.NBD()
+            try:
+                h.set_opt_mode(True)
+                h.connect_unix(self.sock)
+                h.opt_abort()
+                return True
+            except nbd.Error:
+                return False
+
+        wait_for(ready, timeout, what="blockd serve to accept connections")
+
+    def log(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self, sig=signal.SIGTERM, timeout=60):
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill9(self):
+        return self.stop(signal.SIGKILL)
+
+    def connect(self, name):
+        import nbd
+
+        h = nbd.NBD()
+        h.add_meta_context("base:allocation")
+        h.connect_uri(self.uri(name))
+        return h
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    d = tmp_path / "data"
+    return d
+
+
+@pytest.fixture
+def cli(data_dir):
+    def _cli(*args, **kw):
+        return run_cli(*args, data_dir=data_dir, **kw)
+
+    return _cli
+
+
+@pytest.fixture
+def sock_dir():
+    """A short directory for unix sockets (paths are limited to 107 bytes)."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="bd-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def server_factory(sock_dir):
+    servers = []
+
+    def make(data_dir, name="nbd.sock", **kw):
+        s = Server(data_dir, os.path.join(sock_dir, name), **kw)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def server(data_dir, server_factory, cli):
+    """A running server with volume `vol0` (64 MiB)."""
+    cli("volume", "create", "vol0", "--size", "64MiB", check=True)
+    return server_factory(data_dir).start()
