@@ -86,7 +86,7 @@ class IntentLog:
         if not gone:
             return
         self.chunks.difference_update(gone)
-        if self._records + len(gone) > COMPACT_AFTER_RECORDS:
+        if self._records + len(gone) > max(COMPACT_AFTER_RECORDS, 2 * len(self.chunks)):
             self.rewrite()
         else:
             self._append([c | REMOVED for c in gone])

@@ -95,7 +95,7 @@ def parse_volume_size(text):
 
 def check_name(name):
     """Volume names: ``[a-z0-9][a-z0-9._-]{0,62}``."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise BadInput(
             f"invalid volume name {name!r}: use 1-63 characters of a-z 0-9 . _ -, starting with a letter or digit"
         )

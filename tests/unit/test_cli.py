@@ -1,0 +1,110 @@
+"""The CLI in-process: exit codes, one-line errors, nothing written on bad input."""
+
+import json
+import os
+import sqlite3
+
+import pytest
+
+from blockd.catalog import Catalog
+from blockd.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def listing(capsys, d):
+    code, out, _ = run(capsys, "--data-dir", d, "volume", "list", "--json")
+    assert code == 0
+    return json.loads(out)
+
+
+def test_create_list_show_delete(tmp_path, capsys):
+    d = tmp_path / "data"
+    assert run(capsys, "--data-dir", d, "volume", "create", "db1", "--size", "16TiB")[0] == 0
+    assert run(capsys, "volume", "create", "db2", "--size", "4096", "--data-dir", d)[0] == 0
+    vols = listing(capsys, d)
+    assert [(v["name"], v["size"], v["type"]) for v in vols] == [("db1", 16 << 40, "raw"), ("db2", 4096, "raw")]
+    code, out, _ = run(capsys, "volume", "show", "db1", "--json", "--data-dir", d)
+    assert code == 0 and json.loads(out)["allocated_bytes"] == 0
+    assert run(capsys, "--data-dir", d, "volume", "delete", "db1")[0] == 0
+    assert [v["name"] for v in listing(capsys, d)] == ["db2"]
+    # provisioning wrote a row and no volume files
+    assert os.listdir(d / "volumes") == []
+
+
+def test_data_dir_from_environment(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BLOCKD_DATA_DIR", str(tmp_path / "env"))
+    assert run(capsys, "volume", "create", "v", "--size", "1G")[0] == 0
+    assert os.path.exists(tmp_path / "env" / "catalog.db")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["volume", "create", "Bad", "--size", "1G"],
+        ["volume", "create", "ok", "--size", "4097"],
+        ["volume", "create", "ok", "--size", "0"],
+        ["volume", "create", "ok", "--size", "lots"],
+        ["volume", "create", "ok", "--size", "9EiB"],
+        ["volume", "create", "ok"],
+        ["volume", "create", "ok", "--size", "1G", "--type", "gp9"],
+        ["volume", "frobnicate"],
+        ["nonsense"],
+        ["serve", "--threads", "x"],
+        ["volume", "show", "BAD NAME"],
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv):
+    d = tmp_path / "data"
+    assert run(capsys, "--data-dir", d, "volume", "create", "keep", "--size", "1G")[0] == 0
+    before = listing(capsys, d)
+    code, out, err = run(capsys, "--data-dir", d, *argv)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("blockd: "), err
+    assert listing(capsys, d) == before
+
+
+def test_refusals_exit_1(tmp_path, capsys):
+    d = tmp_path / "data"
+    assert run(capsys, "--data-dir", d, "volume", "create", "v", "--size", "1G")[0] == 0
+    code, _, err = run(capsys, "--data-dir", d, "volume", "create", "v", "--size", "1G")
+    assert code == 1 and "already exists" in err
+    code, _, err = run(capsys, "--data-dir", d, "volume", "delete", "nope")
+    assert code == 1 and "unknown volume" in err
+    code, _, err = run(capsys, "--data-dir", d, "volume", "show", "nope")
+    assert code == 1
+    code, _, _ = run(capsys, "--data-dir", d, "volume", "create", "v", "--size", "1G", "--exist-ok")
+    assert code == 0
+    code, _, err = run(capsys, "--data-dir", d, "volume", "create", "v", "--size", "2G", "--exist-ok")
+    assert code == 1 and "exists with size" in err
+
+
+def test_catalog_is_wal_synchronous_full_with_format_version(tmp_path, capsys):
+    d = tmp_path / "data"
+    run(capsys, "--data-dir", d, "volume", "create", "v", "--size", "1G")
+    db = sqlite3.connect(d / "catalog.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone()[0] == "1"
+    cat = Catalog(str(d / "catalog.db"))
+    assert cat._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    cat.close()
+
+
+def test_scrub_refused_while_data_dir_locked(tmp_path, capsys):
+    from blockd.datadir import DataDir
+
+    d = tmp_path / "data"
+    run(capsys, "--data-dir", d, "volume", "create", "v", "--size", "1G")
+    holder = DataDir(str(d)).init()
+    holder.lock()
+    try:
+        code, _, err = run(capsys, "--data-dir", d, "scrub", "v")
+        assert code == 1 and "held by a running server" in err
+    finally:
+        holder.unlock()
+    code, out, _ = run(capsys, "--data-dir", d, "scrub", "v")
+    assert code == 0 and "clean" in out
