@@ -9,6 +9,8 @@ connection to the same export) wrapped in a per-connection ``Export`` that
 knows whether the connection is read-only.
 """
 
+import resource
+
 from .datadir import DataDir
 from .engine import Engine
 from .errors import BadInput, ReadOnly
@@ -38,8 +40,19 @@ def config_complete():
             raise BadInput(f"invalid lock_fd {_config['lock_fd']!r}") from None
 
 
+def _raise_fd_limit():
+    """Open files: soft limit up to the hard limit (chunk descriptors, sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def get_ready():
     global _engine
+    _raise_fd_limit()
     datadir = DataDir(_config["data_dir"]).init()
     if "lock_fd" in _config:
         datadir.adopt_lock(int(_config["lock_fd"]))

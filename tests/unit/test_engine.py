@@ -189,3 +189,34 @@ def test_write_intent_log_recovery_recomputes_checksums(tmp_path):
     assert vol.store.recovered_chunks == 1
     assert read(vol, 0, CHUNK) == data
     assert vol.scrub() == []
+
+
+def test_descriptor_cap_closes_dirty_chunks_and_flush_still_syncs_them(rig, monkeypatch):
+    import blockd.store
+
+    monkeypatch.setattr(blockd.store, "MAX_OPEN_CHUNKS", 4)
+    rig.create("v", 64 * CHUNK)
+    vol = rig.open("v")
+    blocks = {c: os.urandom(4096) for c in range(0, 64, 2)}
+    for c, data in blocks.items():
+        vol.write(data, c * CHUNK + 4096)
+    assert len(vol.store._fds) <= 4
+    vol.flush()
+    rig.crash()
+    vol = rig.open("v")
+    for c, data in blocks.items():
+        assert read(vol, c * CHUNK + 4096, 4096) == data
+    assert vol.scrub() == []
+
+
+def test_sparse_checksums_cost_one_page_per_lonely_block(tmp_path):
+    rig = Rig(tmp_path / "data", kind="os", chunk_size=4 * MiB)
+    rig.create("v", 1 << 40)
+    vol = rig.open("v")
+    for c in range(0, 200):
+        vol.write(os.urandom(4096), c * 997 * 4 * MiB)
+    vol.flush()
+    sums = os.path.join(rig.datadir.volume_path(1), "checksums")
+    assert os.stat(sums).st_blocks * 512 <= 200 * 4096 + 64 * 1024  # + filesystem extent blocks
+    rig.restart()
+    assert rig.open("v").scrub() == []
