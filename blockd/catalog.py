@@ -45,22 +45,49 @@ VOLUME_TYPES = ("raw",)  # the EBS types arrive with QoS
 
 
 class Catalog:
-    def __init__(self, path, create=True):
+    def __init__(self, path, create=True, readonly=False):
+        """Open (and with ``create``, initialise) the catalog.
+
+        ``readonly`` opens without writing anything (listing commands), and
+        still works on a read-only filesystem where WAL's shared-memory file
+        cannot be created.
+        """
         self.path = path
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(
-                path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
-            )
+            if readonly:
+                self._db = self._connect_readonly(path)
+            else:
+                self._db = sqlite3.connect(
+                    path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+                )
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA foreign_keys=ON")
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            if create:
+            if create and not readonly:
                 self._init_schema()
             self._check_version()
         except sqlite3.OperationalError as exc:
             raise BlockdError(f"catalog {path}: {exc}") from exc
+
+    @staticmethod
+    def _connect_readonly(path):
+        from urllib.parse import quote
+
+        uri = "file:" + quote(path)
+        for mode in ("?mode=ro", "?mode=ro&immutable=1"):
+            db = sqlite3.connect(
+                uri + mode, uri=True, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+            )
+            try:
+                db.execute("SELECT COUNT(*) FROM meta").fetchone()
+                return db
+            except sqlite3.OperationalError:
+                db.close()
+                if mode.endswith("immutable=1"):
+                    raise
+        raise AssertionError("unreachable")
 
     def _init_schema(self):
         with self.transaction() as db:

@@ -132,7 +132,7 @@ def cmd_volume_list(args):
     datadir = _datadir(args)
     rows = []
     if datadir.exists():
-        catalog = datadir.catalog(create=False)
+        catalog = datadir.catalog(create=False, readonly=True)
         try:
             rows = catalog.volumes()
         finally:
@@ -153,7 +153,7 @@ def _find(datadir, name):
     check_name(name)
     if not datadir.exists():
         raise NotFound(f"unknown volume {name!r}")
-    catalog = datadir.catalog(create=False)
+    catalog = datadir.catalog(create=False, readonly=True)
     try:
         return catalog.volume(name)
     finally:
@@ -251,6 +251,15 @@ def main(argv=None):
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"blockd: error:{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: still one line; BLOCKD_DEBUG=1 shows the traceback
+        if os.environ.get("BLOCKD_DEBUG"):
+            raise
+        print(f"blockd: internal error: {type(exc).__name__}: {exc} (BLOCKD_DEBUG=1 for details)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

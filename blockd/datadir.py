@@ -62,12 +62,13 @@ class DataDir:
     def exists(self):
         return os.path.exists(self.catalog_path)
 
-    def catalog(self, create=True):
-        if create:
+    def catalog(self, create=True, readonly=False):
+        """The catalog; ``readonly`` for commands that only look (works on a read-only mount)."""
+        if create and not readonly:
             self.init()
         elif not self.exists():
             raise BlockdError(f"data dir {self.path}: no catalog (create a volume first)")
-        return Catalog(self.catalog_path)
+        return Catalog(self.catalog_path, create=create and not readonly, readonly=readonly)
 
     def volume_path(self, volume_id):
         return os.path.join(self.volumes_path, str(volume_id))
@@ -75,7 +76,12 @@ class DataDir:
     # ---- locks -------------------------------------------------------------
     def lock(self):
         """Take the data-dir lock (non-blocking) and return its fd; refuse if held."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
+                raise ReadOnly(f"data dir {self.path}: read-only filesystem") from exc
+            raise BlockdError(f"data dir {self.path}: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -116,8 +122,15 @@ class DataDir:
 
     def volume_lock(self, volume_id, blocking=False):
         """flock held while a volume is open; None if another process holds it."""
-        os.makedirs(self.locks_path, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.locks_path, f"{volume_id}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.makedirs(self.locks_path, mode=0o700, exist_ok=True)
+            fd = os.open(
+                os.path.join(self.locks_path, f"{volume_id}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
+                raise ReadOnly(f"data dir {self.path}: read-only filesystem") from exc
+            raise BlockdError(f"data dir {self.path}: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:

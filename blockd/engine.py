@@ -95,11 +95,14 @@ class Engine:
             return []
 
     def flush_all(self):
+        """Flush every open volume; returns the names that failed."""
+        failed = []
         for volume in self.open_volumes():
             try:
                 volume.flush()
             except Exception:
-                pass
+                failed.append(volume.name)
+        return failed
 
     def close(self):
         with self._lock:

@@ -9,7 +9,13 @@ connection to the same export) wrapped in a per-connection ``Export`` that
 knows whether the connection is read-only.
 """
 
+import fcntl
+import os
 import resource
+import select
+import sys
+import threading
+import time
 
 from .datadir import DataDir
 from .engine import Engine
@@ -19,7 +25,9 @@ from .volume import wrap_unexpected
 
 BLOCK_SIZES = (1, 4096, 32 * 1024 * 1024)  # min 1 (we read-modify-write), preferred one block, max NBD's usual 32M
 
+SHUTDOWN_GRACE_SECONDS = 0.2  # let in-flight replies go out before the final flush
 _KEYS = {"data_dir", "lock_fd"}
+_shutdown_lock = threading.Lock()
 _config = {}
 _engine = None
 
@@ -63,11 +71,69 @@ def get_ready():
 
 def after_fork():
     """Threads (replication, metrics) start here, never before nbdkit forks."""
+    quit_fd = find_quit_pipe()
+    if quit_fd is not None:
+        threading.Thread(target=_watch_quit, args=(quit_fd,), name="blockd-quit", daemon=True).start()
+
+
+def find_quit_pipe():
+    """nbdkit's quit pipe: the one pipe whose read and write ends are both ours.
+
+    nbdkit 1.32 answers SIGTERM by writing to this pipe, then replies
+    ESHUTDOWN to clients and waits for each to disconnect, which an attached
+    kernel client never does on its own.  Watching the read end lets blockd
+    flush every volume and exit promptly instead.  None if not exactly one
+    candidate (then nbdkit's own behaviour applies).
+    """
+    ends = {}
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            fd = int(name)
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except (ValueError, OSError):
+            continue
+        if not target.startswith("pipe:"):
+            continue
+        try:
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        except OSError:
+            continue
+        ends.setdefault(target, {})[mode] = fd
+    candidates = [e[os.O_RDONLY] for e in ends.values() if set(e) == {os.O_RDONLY, os.O_WRONLY}]
+    if len(candidates) != 1:
+        return None
+    poller = select.poll()
+    poller.register(candidates[0], select.POLLIN)
+    if poller.poll(0):
+        return None  # already readable: not a quiet quit pipe
+    return candidates[0]
+
+
+def _watch_quit(fd):
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while not poller.poll(None):
+        pass
+    with _shutdown_lock:
+        if _engine is None:
+            return
+        # Give requests already in flight a moment to be answered, then make
+        # everything durable and leave: clients see the connection close.
+        time.sleep(SHUTDOWN_GRACE_SECONDS)
+        _engine.flush_all()
+        sys.stderr.write("blockd: terminated: every open volume flushed; exiting\n")
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def cleanup():
-    if _engine is not None:
-        _engine.close()
+    with _shutdown_lock:
+        if _engine is not None:
+            _engine.close()
 
 
 def list_exports():
