@@ -219,6 +219,15 @@ def _hash_parallel_kernel(data, out):
     return nzero
 
 
+# Twins that keep the GIL.  Releasing and re-taking the GIL costs more than
+# hashing a few blocks (~0.25 us per 4 KiB), and with several nbdkit threads
+# every release is a chance for a convoy; so buffers below NOGIL_MIN_BYTES
+# are hashed holding it, and only big ones let other requests run meanwhile.
+NOGIL_MIN_BYTES = 64 * 1024
+_hash_kernel_gil = numba.njit(cache=True)(_hash_kernel.py_func)
+_verify_kernel_gil = numba.njit(cache=True)(_verify_kernel.py_func)
+_count_equal_gil = numba.njit(cache=True)(_count_equal_kernel.py_func)
+
 _NOFLAGS = np.empty(0, dtype=np.uint8)
 _MASK, _SHIFT = BLOCK_SIZE - 1, BLOCK_SIZE.bit_length() - 1
 
@@ -239,6 +248,8 @@ def hash_blocks(data, out):
     n = len(data)
     if n & _MASK or len(out) << _SHIFT != n:
         _fail(n, len(out))
+    if n < NOGIL_MIN_BYTES:
+        return _hash_kernel_gil(data, out, _NOFLAGS, False)
     return _hash_kernel(data, out, _NOFLAGS, False)
 
 
@@ -247,6 +258,8 @@ def hash_blocks_zero(data, out, zero_flags):
     n = len(data)
     if n & _MASK or len(out) << _SHIFT != n or len(zero_flags) != len(out):
         _fail(n, min(len(out), len(zero_flags)))
+    if n < NOGIL_MIN_BYTES:
+        return _hash_kernel_gil(data, out, zero_flags, True)
     return _hash_kernel(data, out, zero_flags, True)
 
 
@@ -255,12 +268,15 @@ def verify_blocks(data, expected):
     n = len(data)
     if n & _MASK or len(expected) << _SHIFT != n:
         _fail(n, len(expected))
+    if n < NOGIL_MIN_BYTES:
+        return _verify_kernel_gil(data, expected)
     return _verify_kernel(data, expected)
 
 
 def count_equal(hashes, value):
     """Number of entries of the uint64 array hashes equal to value."""
-    return _count_equal_kernel(hashes, np.uint64(value))  # keep it uint64
+    # At most one chunk's sums (1024 entries): not worth releasing the GIL.
+    return _count_equal_gil(hashes, np.uint64(value))  # keep it uint64
 
 
 def hash_blocks_parallel(data, out):
@@ -279,17 +295,19 @@ def hash_blocks_parallel(data, out):
 def warm():
     """Call every kernel once (writable and read-only array variants, e.g. the
     store's shared read-only zero sums) so the on-disk JIT cache is populated."""
-    data, out = np.zeros(2 * BLOCK_SIZE, np.uint8), np.empty(2, np.uint64)
-    ro_data, ro_out = data.copy(), out.copy()
-    ro_data.setflags(write=False)
-    ro_out.setflags(write=False)
-    for d in (data, ro_data):
-        hash_blocks(d, out)
-        hash_blocks_zero(d, out, np.empty(2, np.uint8))
-        hash_blocks_parallel(d, out)
-        for sums in (out, ro_out):
-            verify_blocks(d, sums)
-            count_equal(sums, 0)
+    for nblocks in (2, NOGIL_MIN_BYTES // BLOCK_SIZE):  # the GIL and the nogil twins
+        data, out = np.zeros(nblocks * BLOCK_SIZE, np.uint8), np.empty(nblocks, np.uint64)
+        ro_data, ro_out = data.copy(), out.copy()
+        ro_data.setflags(write=False)
+        ro_out.setflags(write=False)
+        for d in (data, ro_data):
+            hash_blocks(d, out)
+            hash_blocks_zero(d, out, np.empty(nblocks, np.uint8))
+            hash_blocks_parallel(d, out)
+            for sums in (out, ro_out):
+                verify_blocks(d, sums)
+                count_equal(sums, 0)
+                _count_equal_kernel(sums, np.uint64(0))
 
 
 _z = np.empty(1, np.uint64)

@@ -36,7 +36,9 @@ class Engine:
         self.events = events
         self.catalog = datadir.catalog()
         self._lock = threading.Lock()
+        self._closed = threading.Condition(self._lock)
         self._open = {}  # volume id -> _Open
+        self._closing = set()  # volume ids whose last connection is closing them
 
     def open(self, name, readonly=False):
         """Attach: the shared Volume for ``name`` (refcounted)."""
@@ -45,6 +47,10 @@ class Engine:
         if row is None:
             raise NotFound(f"unknown export {name!r}: no such volume")
         with self._lock:
+            # The last connection may still be closing it (flushing): wait,
+            # or we would race its volume lock and see "held by another process".
+            while row["id"] in self._closing:
+                self._closed.wait()
             entry = self._open.get(row["id"])
             if entry is None:
                 entry = self._open_volume(row)
@@ -79,10 +85,14 @@ class Engine:
             if entry.refs > 0:
                 return
             del self._open[volume.volume_id]
+            self._closing.add(volume.volume_id)
         try:
             entry.volume.close()
         finally:
             os.close(entry.lock_fd)
+            with self._lock:
+                self._closing.discard(volume.volume_id)
+                self._closed.notify_all()
 
     def open_volumes(self):
         with self._lock:

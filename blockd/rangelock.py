@@ -13,6 +13,7 @@ class RangeLock:
     def __init__(self):
         self._cond = threading.Condition(threading.Lock())
         self._held = []  # [start, end, exclusive]
+        self._waiters = 0  # notify only when someone waits: the common case is no contention
 
     def _conflicts(self, start, end, exclusive):
         for s, e, x in self._held:
@@ -23,15 +24,21 @@ class RangeLock:
     def acquire(self, start, end, exclusive):
         entry = [start, end, exclusive]
         with self._cond:
-            while self._conflicts(start, end, exclusive):
-                self._cond.wait()
+            if self._held and self._conflicts(start, end, exclusive):
+                self._waiters += 1
+                try:
+                    while self._conflicts(start, end, exclusive):
+                        self._cond.wait()
+                finally:
+                    self._waiters -= 1
             self._held.append(entry)
         return entry
 
     def release(self, entry):
         with self._cond:
             self._held.remove(entry)
-            self._cond.notify_all()
+            if self._waiters:
+                self._cond.notify_all()
 
     def held(self):
         with self._cond:

@@ -83,36 +83,41 @@ class Volume:
 
     def _read_blocks(self, view, offset):
         """Read whole blocks at an aligned ``offset`` into ``view`` and verify them."""
-        store = self.store
+        chunk_index, chunk_offset = divmod(offset, self.chunk_size)
+        if chunk_offset + len(view) <= self.chunk_size:  # the common case: one chunk
+            self._read_segment(view, chunk_index, chunk_offset)
+            return
         for seg in segments(offset, len(view), self.chunk_size):
-            c = seg.chunk_index
-            first = seg.chunk_offset // BLOCK_SIZE
-            count = seg.length // BLOCK_SIZE
-            part = view[seg.buf_offset : seg.buf_offset + seg.length]
-            expected = store.sums(c)[first : first + count]
-            arr = np.frombuffer(part, dtype=np.uint8)
-            if checksum.count_equal(expected, ZERO) == count:
-                arr[:] = 0  # a hole by our own records: no I/O
-                continue
-            fd = store.pin(c)
-            if fd is None:
-                arr[:] = 0
-            else:
-                try:
-                    store.read_into(fd, seg.chunk_offset, part)
-                except OSError as exc:
-                    raise from_oserror(f"{self.name}: read chunk {c}", exc) from exc
-                finally:
-                    store.unpin(c)
-            bad = checksum.verify_blocks(arr, expected)
-            if len(bad):
-                base = c * self.chunk_size + seg.chunk_offset
-                offsets = [base + int(i) * BLOCK_SIZE for i in bad]
-                self.checksum_errors += len(offsets)
-                self.events.checksum_error(self, offsets)
-                raise ChecksumError(
-                    f"{self.name}: checksum mismatch in {len(offsets)} block(s) at offset {offsets[0]}", offsets
-                )
+            self._read_segment(view[seg.buf_offset : seg.buf_offset + seg.length], seg.chunk_index, seg.chunk_offset)
+
+    def _read_segment(self, part, c, chunk_offset):
+        store = self.store
+        first = chunk_offset // BLOCK_SIZE
+        count = len(part) // BLOCK_SIZE
+        expected = store.sums(c)[first : first + count]
+        arr = np.frombuffer(part, dtype=np.uint8)
+        if checksum.count_equal(expected, ZERO) == count:
+            arr[:] = 0  # a hole by our own records: no I/O
+            return
+        fd = store.pin(c)
+        if fd is None:
+            arr[:] = 0
+        else:
+            try:
+                store.read_into(fd, chunk_offset, part)
+            except OSError as exc:
+                raise from_oserror(f"{self.name}: read chunk {c}", exc) from exc
+            finally:
+                store.unpin(c)
+        bad = checksum.verify_blocks(arr, expected)
+        if len(bad):
+            base = c * self.chunk_size + chunk_offset
+            offsets = [base + int(i) * BLOCK_SIZE for i in bad]
+            self.checksum_errors += len(offsets)
+            self.events.checksum_error(self, offsets)
+            raise ChecksumError(
+                f"{self.name}: checksum mismatch in {len(offsets)} block(s) at offset {offsets[0]}", offsets
+            )
 
     # ---- write -------------------------------------------------------------
     def write(self, buf, offset, fua=False):

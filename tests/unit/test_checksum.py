@@ -224,6 +224,8 @@ def test_kernel_options():
         assert k.targetoptions.get("nogil") is True
         assert not k.targetoptions.get("parallel")
         assert k._cache.__class__.__name__ != "NullCache"
+    for k in (cs._hash_kernel_gil, cs._verify_kernel_gil, cs._count_equal_gil):
+        assert not k.targetoptions.get("nogil") and not k.targetoptions.get("parallel")
     assert cs._hash_parallel_kernel.targetoptions.get("parallel")
     assert "single-threaded" in cs.hash_blocks_parallel.__doc__
 
@@ -249,3 +251,15 @@ def test_warm_covers_readonly_variants():
     ro = np.zeros(2, np.uint64)
     ro.setflags(write=False)
     assert cs.count_equal(ro, 0) == 2
+
+
+@pytest.mark.parametrize("nblocks", [cs.NOGIL_MIN_BYTES // BS - 1, cs.NOGIL_MIN_BYTES // BS, cs.NOGIL_MIN_BYTES // BS + 1])
+def test_gil_and_nogil_twins_agree_at_the_threshold(nblocks):
+    data = np.frombuffer(np.random.default_rng(nblocks).bytes(nblocks * BS), dtype=np.uint8)
+    out = np.empty(nblocks, np.uint64)
+    cs.hash_blocks(data, out)
+    assert [int(x) for x in out] == [xxhash.xxh64_intdigest(data[i * BS : (i + 1) * BS].tobytes()) for i in range(nblocks)]
+    twin = np.empty(nblocks, np.uint64)
+    cs._hash_kernel_gil(data, twin, cs._NOFLAGS, False)
+    assert (twin == out).all()
+    assert cs.verify_blocks(data, out).size == 0

@@ -220,3 +220,29 @@ def test_sparse_checksums_cost_one_page_per_lonely_block(tmp_path):
     assert os.stat(sums).st_blocks * 512 <= 200 * 4096 + 64 * 1024  # + filesystem extent blocks
     rig.restart()
     assert rig.open("v").scrub() == []
+
+
+def test_reattach_while_the_last_connection_is_closing(tmp_path):
+    """A new connection arriving while the previous one is flushing must wait, not fail."""
+    import threading
+
+    rig = Rig(tmp_path / "data", kind="os", chunk_size=CHUNK)
+    rig.create("v", 16 * CHUNK)
+    errors = []
+
+    def cycle(seed):
+        try:
+            for i in range(30):
+                vol = rig.engine.open("v")
+                vol.write(bytes([seed]) * 4096, (seed * 30 + i) * 4096 % (16 * CHUNK))
+                rig.engine.release(vol)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=cycle, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    rig.close()
