@@ -200,6 +200,17 @@ def _verify_kernel(data, expected):
     return np.flatnonzero(bad)
 
 
+@numba.njit(inline="always")
+def mismatches(data, expected):
+    """Number of blocks whose xxh64 differs from expected (for use inside other kernels)."""
+    w = _lanes(data)
+    bad = 0
+    for blk in range(expected.shape[0]):
+        h, _ = _block(w, blk * _LANES)
+        bad += h != expected[blk]
+    return bad
+
+
 @numba.njit(nogil=True, cache=True)
 def _count_equal_kernel(hashes, value):
     n = 0

@@ -146,6 +146,14 @@ class ChunkStore:
             self._evict_locked()
             return fd
 
+    def peek(self, chunk_index):
+        """(descriptor or None, checksums or None) without locking or opening anything.
+
+        Only for the verified lock-free read: the descriptor may be closed or
+        reused by the time it is used, which verification catches.
+        """
+        return self._fds.get(chunk_index), self._sums.get(chunk_index)
+
     def unpin(self, chunk_index):
         with self._lock:
             self._pins[chunk_index] -= 1

@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 
+from blockd import checksum
 from blockd.errors import ChecksumError, OutOfRange, VolumeFailed
 from enginekit import Rig
 
@@ -246,3 +247,27 @@ def test_reattach_while_the_last_connection_is_closing(tmp_path):
         t.join()
     assert errors == []
     rig.close()
+
+
+def test_lock_free_read_path_falls_back_when_it_cannot_decide(rig):
+    """The fast path never returns unverified data: corrupt, uncached or racing reads take the locked path."""
+    from blockd import fastio
+
+    rig.create("v", 4 * CHUNK)
+    vol = rig.open("v")
+    data = os.urandom(CHUNK)
+    vol.write(data, 0)
+    fd, sums = vol.store.peek(0)
+    arr = np.empty(4096, np.uint8)
+    assert fastio.read_verify(fd, arr, 4096, sums[1:2]) == fastio.OK
+    assert arr.tobytes() == data[4096:8192]
+    wrong = sums[1:2] ^ np.uint64(1)
+    assert fastio.read_verify(fd, arr, 4096, wrong) == fastio.MISMATCH
+    assert fastio.read_verify(987654, arr, 4096, sums[1:2]) == fastio.NOT_CACHED  # a closed descriptor
+    zeros = np.full(1, checksum.ZERO_BLOCK_HASH, np.uint64)
+    arr[:] = 7
+    assert fastio.read_verify(fd, arr, 4096, zeros) == fastio.OK and not arr.any()  # a hole: no I/O
+    # Through the volume: a corrupted sum makes the fast path decline, the locked path raise.
+    vol.store._sums[0][2] ^= np.uint64(1)
+    with pytest.raises(ChecksumError):
+        read(vol, 2 * 4096, 4096)
