@@ -54,6 +54,9 @@ class ChunkStore:
         self._zero_sums = np.full(self.blocks_per_chunk, checksum.ZERO_BLOCK_HASH, dtype=np.uint64)
         self._zero_sums.setflags(write=False)
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # writers drained / snapshot taken
+        self._writers = 0  # writes between mark_dirty and end_write
+        self._snapshotting = False
         self._sums = {}  # chunk_index -> np.uint64 array (maybe the shared read-only zero array)
         self._exists = {}  # chunk_index -> bool
         self._fds = collections.OrderedDict()  # chunk_index -> fd, LRU order
@@ -170,8 +173,6 @@ class ChunkStore:
                 continue
             self.files.close(self._fds.pop(c))
 
-    _flushing = frozenset()
-
     # ---- checksums ---------------------------------------------------------
     def sums(self, chunk_index):
         """The chunk's per-block checksums (read-only view for chunks never written)."""
@@ -238,10 +239,19 @@ class ChunkStore:
 
     # ---- data ---------------------------------------------------------------
     def mark_dirty(self, chunk_indexes):
-        """Record chunks as written; durable in the intent log before returning."""
+        """Begin a write: record chunks as written, durably in the intent log.
+
+        Every successful call must be paired with ``end_write()`` once the
+        data and the in-memory checksums are updated.  Flush waits for writes
+        in progress before it takes its snapshot of the dirty set, so a chunk
+        is only ever forgotten by the intent log after every write that
+        touched it before the snapshot is fully in the page cache and synced.
+        """
         if self.failed:
             raise VolumeFailed(f"volume failed: {self.failed}; writes refused")
         with self._lock:
+            while self._snapshotting:
+                self._idle.wait()
             self.dirty.update(chunk_indexes)
             if any(c not in self.intent.chunks for c in chunk_indexes):
                 self._ensure_root()
@@ -250,6 +260,13 @@ class ChunkStore:
                 except OSError as exc:
                     self._fail(f"intent log: {exc.strerror}")
                     raise from_oserror("intent log", exc) from exc
+            self._writers += 1
+
+    def end_write(self):
+        with self._lock:
+            self._writers -= 1
+            if self._writers == 0 and self._snapshotting:
+                self._idle.notify_all()
 
     def read_into(self, fd, chunk_offset, buf):
         self.files.pread_into(fd, buf, chunk_offset)
@@ -279,20 +296,29 @@ class ChunkStore:
             self._dir_dirty = True
         return True
 
+    def _sync_data(self, chunk_indexes):
+        """fdatasync chunks, then the directory if files were created or removed."""
+        for c in chunk_indexes:
+            # Reopens a chunk whose descriptor the LRU closed: since Linux
+            # 4.16 an fsync on a new descriptor still reports a writeback
+            # error nobody has seen.  None: dropped (all zero) meanwhile.
+            fd = self.pin(c)
+            if fd is None:
+                continue
+            try:
+                self.files.fdatasync(fd)
+            finally:
+                self.unpin(c)
+        if self._dir_dirty:
+            self._dir_dirty = False
+            self.files.fsync_dir(self.root)
+
     def sync_chunks(self, chunk_indexes):
-        """fdatasync the given chunks' data (FUA); directory too if files were created."""
+        """FUA: make the given chunks' data durable (checksums are covered by the intent log)."""
+        if self.failed:
+            raise VolumeFailed(f"volume failed: {self.failed}")
         try:
-            for c in chunk_indexes:
-                fd = self.pin(c)
-                if fd is None:
-                    continue
-                try:
-                    self.files.fdatasync(fd)
-                finally:
-                    self.unpin(c)
-            if self._dir_dirty:
-                self._dir_dirty = False
-                self.files.fsync_dir(self.root)
+            self._sync_data(chunk_indexes)
         except OSError as exc:
             self._fail(f"fdatasync: {exc.strerror}")
             raise VolumeFailed(f"volume failed: fdatasync: {exc.strerror}") from exc
@@ -302,24 +328,19 @@ class ChunkStore:
         if self.failed:
             raise VolumeFailed(f"volume failed: {self.failed}")
         with self._lock:
-            batch = self.dirty
-            self.dirty = set()
-            self._flushing = frozenset(batch)
+            # No write may be half done at the snapshot: one that began
+            # before it must be in the page cache before we sync.
+            self._snapshotting = True
+            try:
+                while self._writers:
+                    self._idle.wait()
+                batch = self.dirty
+                self.dirty = set()
+            finally:
+                self._snapshotting = False
+                self._idle.notify_all()
         try:
-            for c in sorted(batch):
-                # Reopens a chunk whose descriptor the LRU closed: since Linux
-                # 4.16 an fsync on a new descriptor still reports a writeback
-                # error nobody has seen.  None: dropped (all zero) meanwhile.
-                fd = self.pin(c)
-                if fd is None:
-                    continue
-                try:
-                    self.files.fdatasync(fd)
-                finally:
-                    self.unpin(c)
-            if self._dir_dirty:
-                self._dir_dirty = False
-                self.files.fsync_dir(self.root)
+            self._sync_data(sorted(batch))
             for c in sorted(batch):
                 sums = self._sums.get(c)
                 if sums is not None and self.exists(c):
@@ -333,7 +354,6 @@ class ChunkStore:
             raise VolumeFailed(f"volume failed: flush: {exc.strerror}") from exc
         finally:
             with self._lock:
-                self._flushing = frozenset()
                 self._evict_locked()
 
     def _fail(self, reason):

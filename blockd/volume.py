@@ -177,6 +177,13 @@ class Volume:
         store.mark_dirty([s.chunk_index for s in segs])
         done = []
         try:
+            return self._write_segments(data, segs, sums, zflags, nzero, offset, done)
+        finally:
+            store.end_write()
+
+    def _write_segments(self, data, segs, sums, zflags, nzero, offset, done):
+        store = self.store
+        try:
             for seg in segs:
                 c = seg.chunk_index
                 first = seg.chunk_offset // BLOCK_SIZE
@@ -300,6 +307,14 @@ class Volume:
         store = self.store
         segs = segments(first, last - first, self.chunk_size)
         store.mark_dirty([s.chunk_index for s in segs])
+        try:
+            self._punch_segments(segs)
+        finally:
+            store.end_write()
+        return [s.chunk_index for s in segs]
+
+    def _punch_segments(self, segs):
+        store = self.store
         for seg in segs:
             c = seg.chunk_index
             if not store.exists(c):
@@ -315,7 +330,6 @@ class Volume:
             b = seg.chunk_offset // BLOCK_SIZE
             store.writable_sums(c)[b : b + seg.length // BLOCK_SIZE] = ZERO
             store.drop_if_empty(c)
-        return [s.chunk_index for s in segs]
 
     # ---- flush / status ----------------------------------------------------
     def flush(self):

@@ -35,11 +35,11 @@ class Rig:
     def open(self, name):
         return self.engine.open(name)
 
-    def crash(self, tear=False):
+    def crash(self, tear=False, image=None):
         """Abandon the engine without flushing, cut power, start a new engine."""
         self._abandon()
         if self.kind == "fault":
-            self.files.crash(tear=tear)
+            self.files.crash(tear=tear, image=image)
         self.files = self._files()
         self.engine = Engine(self.datadir, files=self.files)
 

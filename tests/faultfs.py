@@ -18,6 +18,7 @@ import errno
 import os
 import random
 import shutil
+import time
 
 from blockd.fileio import OsFiles
 
@@ -40,6 +41,7 @@ class FaultFiles(OsFiles):
         self.durable_names = {}  # path -> identity, as of the last fsync of its directory
         self.dirs = set()
         self.fail_fdatasync = False
+        self.jitter = 0.0  # seconds: sleep before some writes, to expose races
         self.syncs = 0
         for dirpath, dirnames, filenames in os.walk(self.root):
             for d in dirnames:
@@ -100,6 +102,11 @@ class FaultFiles(OsFiles):
             self.path_id[path] = self._new_id()
         return made
 
+    def pwrite(self, fd, buf, offset):
+        if self.jitter and self.rng.random() < 0.3:
+            time.sleep(self.jitter)  # widen race windows between bookkeeping and the write
+        return super().pwrite(fd, buf, offset)
+
     def _sync(self, fd):
         if self.fail_fdatasync:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
@@ -132,16 +139,39 @@ class FaultFiles(OsFiles):
                 self.durable_names[p] = self.path_id[p]
 
     # ---- the power cut -------------------------------------------------------
-    def crash(self, tear=False):
-        """Close every descriptor handed out and rewrite the tree to what a power cut leaves."""
+    def crash(self, tear=False, image=None):
+        """Close every descriptor handed out and rewrite the tree to what a power cut leaves.
+
+        ``image`` is a ``cut()`` taken earlier: the power went out then, even
+        if the program kept running until now.
+        """
+        if image is None:
+            image = self.cut(tear)
         for fd in list(self.fd_id):
             try:
                 os.close(fd)
             except OSError:
                 pass
         self.fd_id.clear()
+        for name in os.listdir(self.root):
+            full = os.path.join(self.root, name)
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.unlink(full)
+        for p in sorted(image):
+            if image[p] is None:
+                os.makedirs(p, exist_ok=True)
+        for p, data in image.items():
+            if data is not None:
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+                with open(p, "wb") as fh:
+                    fh.write(data)
+
+    def cut(self, tear=False):
+        """What the disk holds if the power goes out now: {path: bytes, or None for a dir}."""
         survivors = {}
-        for p, ident in sorted(self.durable_names.items()):
+        for p, ident in sorted(dict(self.durable_names).items()):
             parent = os.path.dirname(p)
             if parent != self.root and parent not in self.durable_names:
                 continue  # its directory entry never became durable
@@ -154,20 +184,7 @@ class FaultFiles(OsFiles):
                     survivors[p] = self._tear(old, fh.read())
             else:
                 survivors[p] = old
-        for name in os.listdir(self.root):
-            full = os.path.join(self.root, name)
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full)
-            else:
-                os.unlink(full)
-        for p in sorted(survivors):
-            if survivors[p] is None:
-                os.makedirs(p, exist_ok=True)
-        for p, data in survivors.items():
-            if data is not None:
-                os.makedirs(os.path.dirname(p), exist_ok=True)
-                with open(p, "wb") as fh:
-                    fh.write(data)
+        return survivors
 
     def _tear(self, old, new):
         length = self.rng.choice([len(old), len(new)])
