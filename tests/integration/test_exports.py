@@ -43,3 +43,48 @@ def test_serve_prints_one_uri_per_volume(data_dir, cli, server_factory):
     out = srv.log()
     assert f"a nbd+unix:///a?socket={srv.sock}" in out
     assert f"b nbd+unix:///b?socket={srv.sock}" in out
+
+
+def test_serve_over_tcp_and_the_serve_pid_is_nbdkit(data_dir, cli, tmp_path):
+    import signal
+    import socket
+
+    import nbd
+
+    from conftest import BLOCKD, ROOT, wait_for
+
+    cli("volume", "create", "vol0", "--size", "1GiB", check=True)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))  # an ephemeral port, released just before serve binds it
+    port = probe.getsockname()[1]
+    probe.close()
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(
+        BLOCKD + ["serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+    try:
+        def ready():
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=120, what="serve on TCP")
+        with open(f"/proc/{proc.pid}/comm") as f:
+            assert f.read().strip() == "nbdkit"  # exec'd: kill -9 of this PID is a real crash
+        info = subprocess.run(["nbdinfo", "--json", f"nbd://127.0.0.1:{port}/vol0"], capture_output=True, text=True)
+        assert info.returncode == 0, info.stderr
+        assert json.loads(info.stdout)["exports"][0]["export-size"] == 1 << 30
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        h = nbd.NBD()
+        with pytest.raises(nbd.Error):
+            h.connect_uri(f"nbd://127.0.0.1:{port}/vol0")  # nothing left serving
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
