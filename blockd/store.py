@@ -34,7 +34,8 @@ from .errors import VolumeFailed, from_oserror
 from .geometry import BLOCK_SIZE
 from .intent import IntentLog
 
-MAX_OPEN_CHUNKS = 256  # descriptors kept open per volume beyond the dirty ones
+MAX_OPEN_CHUNKS = 256  # descriptors kept open per volume
+MAX_CACHED_SUMS = 65536  # chunks whose checksums stay in memory (512 MiB of sums for 256 GiB of data)
 SUMS_FILE = "checksums"
 SUMS_PAGE = 4096  # the filesystem's allocation unit: whole zero pages of sums are punched
 INTENT_FILE = "intent.log"
@@ -183,7 +184,25 @@ class ChunkStore:
                 if sums is None:
                     sums = self._load_sums(chunk_index)
                     self._sums[chunk_index] = sums
+                    if len(self._sums) > MAX_CACHED_SUMS:
+                        self._evict_sums_locked(chunk_index)
         return sums
+
+    def _evict_sums_locked(self, keep):
+        """Forget the checksums of the oldest clean chunks: the checksums file holds them.
+
+        Never a chunk written since the last flush or named in the intent log
+        (its only up-to-date checksums are in memory).  A lock-free reader
+        holding an evicted array still has a valid array.
+        """
+        excess = len(self._sums) - MAX_CACHED_SUMS
+        for c in list(self._sums):
+            if excess <= 0:
+                break
+            if c == keep or c in self.dirty or c in self.intent.chunks:
+                continue
+            del self._sums[c]
+            excess -= 1
 
     def writable_sums(self, chunk_index):
         sums = self.sums(chunk_index)

@@ -271,3 +271,30 @@ def test_lock_free_read_path_falls_back_when_it_cannot_decide(rig):
     vol.store._sums[0][2] ^= np.uint64(1)
     with pytest.raises(ChecksumError):
         read(vol, 2 * 4096, 4096)
+
+
+def test_checksum_cache_is_bounded_and_reloads_from_disk(rig, monkeypatch):
+    import blockd.store
+
+    monkeypatch.setattr(blockd.store, "MAX_CACHED_SUMS", 3)
+    rig.create("v", 32 * CHUNK)
+    vol = rig.open("v")
+    model = bytearray(32 * CHUNK)
+    rng = random.Random(5)
+    for step in range(300):
+        offset = rng.randrange(0, 32 * CHUNK - 9000)
+        data = rng.randbytes(rng.randrange(1, 9000))
+        vol.write(data, offset)
+        model[offset : offset + len(data)] = data
+        if step % 7 == 0:
+            vol.flush()  # clean chunks become evictable
+        if step % 5 == 0:
+            o = rng.randrange(0, 32 * CHUNK - 20000)
+            assert read(vol, o, 20000) == bytes(model[o : o + 20000])
+    vol.flush()
+    assert read(vol, 0, 32 * CHUNK) == bytes(model)
+    assert len(vol.store._sums) <= 3 + 1
+    assert vol.scrub() == []
+    rig.crash()
+    vol = rig.open("v")
+    assert read(vol, 0, 32 * CHUNK) == bytes(model)

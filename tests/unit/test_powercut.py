@@ -153,3 +153,12 @@ def test_power_cut_during_concurrent_writes_and_flushes_raises_no_false_alarm(tm
     vol.read(got, 0)  # a false alarm raises ChecksumError
     assert vol.scrub() == []
     rig.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_power_cut_with_a_tiny_checksum_cache(tmp_path, seed, monkeypatch):
+    """Evicting clean chunks' checksums (reloaded from disk) keeps invariants 1 and 2."""
+    import blockd.store
+
+    monkeypatch.setattr(blockd.store, "MAX_CACHED_SUMS", 2)
+    test_power_cut_keeps_acknowledged_data_and_raises_no_false_alarm(tmp_path, 100 + seed, True)
