@@ -59,7 +59,7 @@ class ChunkStore:
         self._writers = 0  # writes between mark_dirty and end_write
         self._snapshotting = False
         self._sums = {}  # chunk_index -> np.uint64 array (maybe the shared read-only zero array)
-        self._exists = {}  # chunk_index -> bool
+        self._present = set()  # chunk files on disk: listed once at open, then kept up to date
         self._fds = collections.OrderedDict()  # chunk_index -> fd, LRU order
         self._pins = collections.Counter()
         self.dirty = set()  # written since the last flush began
@@ -76,6 +76,7 @@ class ChunkStore:
         if not self.files.exists(self.root):
             return
         self._root_ready = True
+        self._present = set(self.chunk_indexes())
         pending = sorted(self.intent.load())
         if pending:
             self._recover(pending)
@@ -85,7 +86,7 @@ class ChunkStore:
         for c in chunk_indexes:
             path = self._chunk_path(c)
             if not self.files.exists(path):
-                self._exists[c] = False
+                self._present.discard(c)
                 self._sums[c] = self._zero_sums
                 continue
             fd = self.files.open(path)
@@ -98,7 +99,7 @@ class ChunkStore:
                 self.files.close(fd)
             sums = np.empty(self.blocks_per_chunk, dtype=np.uint64)
             checksum.hash_blocks(buf, sums)
-            self._exists[c] = True
+            self._present.add(c)
             self._sums[c] = sums
             self._write_sums(c, sums)
         self.files.fsync_dir(self.root)
@@ -120,11 +121,8 @@ class ChunkStore:
         self._root_ready = True
 
     def exists(self, chunk_index):
-        known = self._exists.get(chunk_index)
-        if known is None:
-            known = self._root_ready and self.files.exists(self._chunk_path(chunk_index))
-            self._exists[chunk_index] = known
-        return known
+        """Whether the chunk has a file (no syscall: a set kept since open)."""
+        return chunk_index in self._present
 
     def pin(self, chunk_index, create=False):
         """Return an open descriptor for the chunk, pinned; None if it does not exist."""
@@ -139,7 +137,7 @@ class ChunkStore:
                     return None
                 self._ensure_root()
                 fd = self.files.open(self._chunk_path(chunk_index), create=True, size=self.chunk_size)
-                self._exists[chunk_index] = True
+                self._present.add(chunk_index)
                 # A new file is all holes: never read stale sidecar entries for it.
                 self._sums[chunk_index] = self._zero_sums
                 self._dir_dirty = True
@@ -310,7 +308,7 @@ class ChunkStore:
             if fd is not None:
                 self.files.close(fd)
             self.files.unlink(self._chunk_path(chunk_index))
-            self._exists[chunk_index] = False
+            self._present.discard(chunk_index)
             self._sums[chunk_index] = self._zero_sums
             self._dir_dirty = True
         return True
