@@ -10,6 +10,7 @@ commands that read volume data offline (scrub) take the data-dir lock.
 import argparse
 import json
 import os
+import sqlite3
 import sys
 
 from .datadir import DataDir, default_data_dir
@@ -251,6 +252,9 @@ def main(argv=None):
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except sqlite3.Error as exc:  # a locked, corrupt or unreadable catalog: the environment, not a bug
+        print(f"blockd: catalog: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         print(f"blockd: error:{where}: {exc.strerror or exc}", file=sys.stderr)

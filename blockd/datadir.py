@@ -31,6 +31,14 @@ def default_data_dir():
     return os.path.join(base, "blockd")
 
 
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class DataDir:
     def __init__(self, path):
         if not path:
@@ -48,7 +56,11 @@ class DataDir:
             raise BadInput(f"invalid data dir {self.path}: exists and is not a directory")
         try:
             for p in (self.path, self.volumes_path, self.locks_path):
-                os.makedirs(p, mode=0o700, exist_ok=True)
+                if not os.path.isdir(p):
+                    os.makedirs(p, mode=0o700, exist_ok=True)
+                    # A new directory entry is durable only once its parent is synced.
+                    _fsync_dir(os.path.dirname(p))
+                    _fsync_dir(p)
             probe = os.path.join(self.path, ".write-probe")
             with open(probe, "wb"):
                 pass

@@ -68,7 +68,11 @@ class Engine:
             if again is None:
                 raise NotFound(f"unknown export {row['name']!r}: volume was deleted")
             store = ChunkStore(self.files, self.datadir.volume_path(row["id"]), row["chunk_size"])
-            store.open()
+            try:
+                store.open()
+            except BaseException:
+                store.close()
+                raise
             volume = Volume(row["name"], row["id"], again["size"], store, events=self.events)
             return _Open(volume, lock_fd)
         except BaseException:
@@ -118,9 +122,13 @@ class Engine:
         with self._lock:
             entries = list(self._open.values())
             self._open.clear()
-        for entry in entries:
+        failed = []
+        for entry in entries:  # every volume gets its flush even if one fails
             try:
                 entry.volume.close()
+            except Exception:
+                failed.append(entry.volume.name)
             finally:
                 os.close(entry.lock_fd)
         self.catalog.close()
+        return failed

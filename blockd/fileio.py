@@ -41,8 +41,6 @@ try:
     _preadv2.restype = ctypes.c_ssize_t
 except (OSError, AttributeError):  # no preadv2: always the plain path
     _preadv2 = None
-_iov = _Iovec()  # shared: only touched while holding the GIL
-_iov_addr = ctypes.addressof(_iov)
 
 
 def pread_cached(fd, buf, offset):
@@ -50,11 +48,10 @@ def pread_cached(fd, buf, offset):
     if _preadv2 is None:
         return 0
     try:
-        _iov.base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        iov = _Iovec(ctypes.addressof(ctypes.c_char.from_buffer(buf)), len(buf))
     except (TypeError, ValueError):
         return 0
-    _iov.len = len(buf)
-    n = _preadv2(fd, _iov_addr, 1, offset, RWF_NOWAIT)
+    n = _preadv2(fd, ctypes.addressof(iov), 1, offset, RWF_NOWAIT)
     return n if n > 0 else 0
 
 

@@ -124,10 +124,13 @@ def _watch_quit(fd):
         # Give requests already in flight a moment to be answered, then make
         # everything durable and leave: clients see the connection close.
         time.sleep(SHUTDOWN_GRACE_SECONDS)
-        _engine.flush_all()
-        sys.stderr.write("blockd: terminated: every open volume flushed; exiting\n")
+        failed = _engine.flush_all()
+        if failed:
+            sys.stderr.write(f"blockd: terminated: flush FAILED for {', '.join(failed)}; exiting\n")
+        else:
+            sys.stderr.write("blockd: terminated: every open volume flushed; exiting\n")
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(1 if failed else 0)
 
 
 def cleanup():
@@ -171,8 +174,12 @@ def open_export(name, readonly):
 
 
 def close_export(handle):
+    """Detach; the last connection flushes.  close cannot report an error: log one line."""
     if handle is not None and _engine is not None:
-        _engine.release(handle.volume)
+        try:
+            _engine.release(handle.volume)
+        except Exception as exc:
+            sys.stderr.write(f"blockd: closing {handle.volume.name}: {exc}\n")
 
 
 def describe(handle):

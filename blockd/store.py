@@ -57,7 +57,10 @@ class ChunkStore:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # writers drained / snapshot taken
         self._writers = 0  # writes between mark_dirty and end_write
+        self._active = collections.Counter()  # chunk -> writes in progress on it
         self._snapshotting = False
+        self._flush_lock = threading.Lock()  # one flush at a time: a second waits for the first
+        self._dir_lock = threading.Lock()  # "is the directory dirty? fsync it" as one step
         self._sums = {}  # chunk_index -> np.uint64 array (maybe the shared read-only zero array)
         self._present = set()  # chunk files on disk: listed once at open, then kept up to date
         self._fds = collections.OrderedDict()  # chunk_index -> fd, LRU order
@@ -114,10 +117,15 @@ class ChunkStore:
         return os.path.join(self.root, chunk_filename(chunk_index))
 
     def _ensure_root(self):
+        """Create the volume directory on first write, durably (its parent fsync'd)."""
         if self._root_ready:
             return
-        if self.files.mkdir(self.root):
+        try:
+            self.files.mkdir(self.root)
             self.files.fsync_dir(os.path.dirname(self.root))
+        except OSError as exc:
+            self._fail(f"volume directory: {exc.strerror}")
+            raise from_oserror("volume directory", exc) from exc
         self._root_ready = True
 
     def exists(self, chunk_index):
@@ -225,6 +233,12 @@ class ChunkStore:
 
     def _open_sums(self):
         if self._sums_fd is None:
+            with self._dir_lock:  # not _lock: _load_sums already holds it
+                return self._open_sums_once()
+        return self._sums_fd
+
+    def _open_sums_once(self):
+        if self._sums_fd is None:
             path = os.path.join(self.root, SUMS_FILE)
             existed = self.files.exists(path)
             self._sums_fd = self.files.open(path, create=True)
@@ -250,9 +264,24 @@ class ChunkStore:
     def _sync_sums(self):
         if self._sums_fd is not None:
             self.files.fdatasync(self._sums_fd)
-        if self._dir_dirty:
+        self._sync_dir()
+
+    def _sync_dir(self):
+        """fsync the volume directory if entries changed; a concurrent caller waits for it.
+
+        The flag is cleared before the fsync so a change made meanwhile sets
+        it again; the lock makes a second caller wait until the fsync that
+        covers its change has completed, instead of returning early.
+        """
+        with self._dir_lock:
+            if not self._dir_dirty:
+                return
             self._dir_dirty = False
-            self.files.fsync_dir(self.root)
+            try:
+                self.files.fsync_dir(self.root)
+            except BaseException:
+                self._dir_dirty = True
+                raise
 
     # ---- data ---------------------------------------------------------------
     def mark_dirty(self, chunk_indexes):
@@ -278,10 +307,15 @@ class ChunkStore:
                     self._fail(f"intent log: {exc.strerror}")
                     raise from_oserror("intent log", exc) from exc
             self._writers += 1
+            self._active.update(chunk_indexes)
 
-    def end_write(self):
+    def end_write(self, chunk_indexes):
         with self._lock:
             self._writers -= 1
+            self._active.subtract(chunk_indexes)
+            for c in chunk_indexes:
+                if self._active[c] <= 0:
+                    del self._active[c]
             if self._writers == 0 and self._snapshotting:
                 self._idle.notify_all()
 
@@ -296,13 +330,15 @@ class ChunkStore:
 
     def drop_if_empty(self, chunk_index):
         """Unlink a chunk whose blocks are all zero (caller holds the range lock)."""
-        sums = self._sums.get(chunk_index)
-        if sums is None or not self.exists(chunk_index):
-            return False
-        if checksum.count_equal(sums, checksum.ZERO_BLOCK_HASH) != self.blocks_per_chunk:
-            return False
         with self._lock:
-            if chunk_index in self._pins:
+            sums = self._sums.get(chunk_index)
+            if sums is None or not self.exists(chunk_index):
+                return False
+            # Another write to a different range of this chunk may have
+            # written its data and not yet its checksums: never unlink then.
+            if chunk_index in self._pins or self._active[chunk_index] > 1:
+                return False
+            if checksum.count_equal(sums, checksum.ZERO_BLOCK_HASH) != self.blocks_per_chunk:
                 return False
             fd = self._fds.pop(chunk_index, None)
             if fd is not None:
@@ -326,9 +362,7 @@ class ChunkStore:
                 self.files.fdatasync(fd)
             finally:
                 self.unpin(c)
-        if self._dir_dirty:
-            self._dir_dirty = False
-            self.files.fsync_dir(self.root)
+        self._sync_dir()
 
     def sync_chunks(self, chunk_indexes):
         """FUA: make the given chunks' data durable (checksums are covered by the intent log)."""
@@ -341,7 +375,16 @@ class ChunkStore:
             raise VolumeFailed(f"volume failed: fdatasync: {exc.strerror}") from exc
 
     def flush(self):
-        """Make every write so far durable, with its checksums, then clear the intent log."""
+        """Make every write so far durable, with its checksums, then clear the intent log.
+
+        Flushes run one at a time: a flush that found nothing dirty because
+        another flush had just taken the batch must still wait for that
+        flush's fdatasync before it may report success.
+        """
+        with self._flush_lock:
+            self._flush()
+
+    def _flush(self):
         if self.failed:
             raise VolumeFailed(f"volume failed: {self.failed}")
         with self._lock:
@@ -372,6 +415,10 @@ class ChunkStore:
         finally:
             with self._lock:
                 self._evict_locked()
+
+    def fail(self, reason):
+        """Mark the volume failed (writes and flushes refused with EIO from now on)."""
+        self._fail(reason)
 
     def _fail(self, reason):
         # An fdatasync that failed may have dropped the dirty pages: retrying

@@ -174,12 +174,13 @@ class Volume:
         zflags = np.empty(nblocks, dtype=np.uint8)
         nzero = checksum.hash_blocks_zero(data, sums, zflags)
         segs = segments(offset, len(data), self.chunk_size)
-        store.mark_dirty([s.chunk_index for s in segs])
+        chunks = [s.chunk_index for s in segs]
+        store.mark_dirty(chunks)
         done = []
         try:
             return self._write_segments(data, segs, sums, zflags, nzero, offset, done)
         finally:
-            store.end_write()
+            store.end_write(chunks)
 
     def _write_segments(self, data, segs, sums, zflags, nzero, offset, done):
         store = self.store
@@ -205,9 +206,11 @@ class Volume:
                         store.write(fd, seg.chunk_offset, part)
                     else:
                         self._write_runs(fd, seg.chunk_offset, part, seg_zero)
+                    # Still pinned: the chunk cannot be dropped between our
+                    # data and our checksums.
+                    store.writable_sums(c)[first : first + count] = sums[b : b + count]
                 finally:
                     store.unpin(c)
-                store.writable_sums(c)[first : first + count] = sums[b : b + count]
                 done.append(c)
         except OSError as exc:
             # Some blocks may hold new data: re-read what is really there so a
@@ -238,23 +241,29 @@ class Volume:
             self.store.unpin(c)
 
     def _resync_sums(self, offset, length):
+        """After a failed write: checksums from what is really on disk.
+
+        If even that fails the checksums cannot be trusted: fail the volume
+        (writes refused) rather than risk a false alarm later.
+        """
         store = self.store
         for seg in segments(offset, length, self.chunk_size):
             c = seg.chunk_index
-            fd = store.pin(c)
-            if fd is None:
-                continue
             try:
-                buf = np.empty(seg.length, dtype=np.uint8)
-                store.read_into(fd, seg.chunk_offset, memoryview(buf))
-                sums = np.empty(seg.length // BLOCK_SIZE, dtype=np.uint64)
-                checksum.hash_blocks(buf, sums)
-                first = seg.chunk_offset // BLOCK_SIZE
-                store.writable_sums(c)[first : first + len(sums)] = sums
-            except OSError:
-                pass
-            finally:
-                store.unpin(c)
+                fd = store.pin(c)
+                if fd is None:
+                    continue
+                try:
+                    buf = np.empty(seg.length, dtype=np.uint8)
+                    store.read_into(fd, seg.chunk_offset, memoryview(buf))
+                    sums = np.empty(seg.length // BLOCK_SIZE, dtype=np.uint64)
+                    checksum.hash_blocks(buf, sums)
+                    first = seg.chunk_offset // BLOCK_SIZE
+                    store.writable_sums(c)[first : first + len(sums)] = sums
+                finally:
+                    store.unpin(c)
+            except OSError as exc:
+                store.fail(f"{self.name}: cannot re-read chunk {c} after a failed write: {exc.strerror}")
 
     # ---- trim / zero -------------------------------------------------------
     def trim(self, offset, length, fua=False):
@@ -306,23 +315,21 @@ class Volume:
     def _punch_blocks(self, first, last):
         store = self.store
         segs = segments(first, last - first, self.chunk_size)
-        store.mark_dirty([s.chunk_index for s in segs])
+        chunks = [s.chunk_index for s in segs]
+        store.mark_dirty(chunks)
         try:
             self._punch_segments(segs)
         finally:
-            store.end_write()
-        return [s.chunk_index for s in segs]
+            store.end_write(chunks)
+        return chunks
 
     def _punch_segments(self, segs):
+        """Punch first, then record zeros: a failed punch leaves checksums matching the data."""
         store = self.store
         for seg in segs:
             c = seg.chunk_index
             if not store.exists(c):
                 continue
-            if seg.length == self.chunk_size:
-                store.writable_sums(c)[:] = ZERO
-                if store.drop_if_empty(c):
-                    continue
             try:
                 self._punch(c, seg.chunk_offset, seg.length)
             except OSError as exc:
