@@ -48,33 +48,45 @@ def test_trim_elsewhere_in_the_chunk_cannot_unlink_it_under_a_write(tmp_path):
     rig.close()
 
 
-def test_a_second_flush_waits_for_the_first(tmp_path):
-    """Two connections flush at once: the one that finds nothing dirty must not return early."""
-    rig, vol = fresh(tmp_path, kind="fault")
-    vol.write(b"\x05" * 4096, 0)
-    files = rig.files
+def flush_stuck_in(files, method):
+    """Start a flush (thread "F1") that blocks inside ``files.<method>``; returns (thread, release)."""
     gate, entered = threading.Event(), threading.Event()
-    original = files.fdatasync
+    original = getattr(files, method)
 
-    def slow(fd):
+    def stuck(arg):
         if threading.current_thread().name == "F1" and not entered.is_set():
             entered.set()
             gate.wait()
-        return original(fd)
+        return original(arg)
 
-    files.fdatasync = slow
+    setattr(files, method, stuck)
+    return entered, gate
+
+
+def race(vol, files, method, second):
+    """Run ``second`` while a flush is stuck in ``files.<method>``; the crash image when it returned."""
+    entered, gate = flush_stuck_in(files, method)
     f1 = threading.Thread(target=vol.flush, name="F1")
     f1.start()
     entered.wait()
     images = []
-    f2 = threading.Thread(target=lambda: (vol.flush(), images.append(files.cut())), name="F2")
-    f2.start()
-    f2.join(0.3)
-    assert f2.is_alive(), "the second flush returned while the first was still syncing"
+    t = threading.Thread(target=lambda: (second(), images.append(files.cut())))
+    t.start()
+    t.join(0.3)
+    still_waiting = t.is_alive()
     gate.set()
     f1.join()
-    f2.join()
-    rig.crash(image=images[0])  # power cut the instant the second flush returned
+    t.join()
+    return still_waiting, images[0]
+
+
+def test_a_second_flush_waits_for_the_first(tmp_path):
+    """Two connections flush at once: the one that finds nothing dirty must not return early."""
+    rig, vol = fresh(tmp_path, kind="fault")
+    vol.write(b"\x05" * 4096, 0)
+    still_waiting, image = race(vol, rig.files, "fdatasync", vol.flush)
+    assert still_waiting, "the second flush returned while the first was still syncing"
+    rig.crash(image=image)  # power cut the instant the second flush returned
     assert read(rig.open("v"), 0, 4096) == b"\x05" * 4096
     rig.close()
 
@@ -82,33 +94,8 @@ def test_a_second_flush_waits_for_the_first(tmp_path):
 def test_fua_waits_for_a_directory_fsync_in_progress(tmp_path):
     rig, vol = fresh(tmp_path, kind="fault")
     vol.write(b"\x09" * 4096, 2 * CHUNK)  # creates chunk 2: the directory is dirty
-    files = rig.files
-    gate, entered = threading.Event(), threading.Event()
-    original = files.fsync_dir
-
-    def slow_dir(path):
-        if threading.current_thread().name == "F1" and not entered.is_set():
-            entered.set()
-            gate.wait()
-        return original(path)
-
-    files.fsync_dir = slow_dir
-    f1 = threading.Thread(target=vol.flush, name="F1")
-    f1.start()
-    entered.wait()
-    images = []
-
-    def fua():
-        vol.write(b"\x0a" * 4096, 2 * CHUNK + 4096, fua=True)
-        images.append(files.cut())
-
-    w = threading.Thread(target=fua)
-    w.start()
-    w.join(0.3)
-    gate.set()
-    f1.join()
-    w.join()
-    rig.crash(image=images[0])  # power cut the instant the FUA write was acknowledged
+    _, image = race(vol, rig.files, "fsync_dir", lambda: vol.write(b"\x0a" * 4096, 2 * CHUNK + 4096, fua=True))
+    rig.crash(image=image)  # power cut the instant the FUA write was acknowledged
     assert read(rig.open("v"), 2 * CHUNK + 4096, 4096) == b"\x0a" * 4096
     rig.close()
 
