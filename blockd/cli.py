@@ -86,7 +86,7 @@ def _datadir(args):
     return DataDir(args.data_dir or default_data_dir())
 
 
-def _volume_json(row, datadir=None):
+def _volume_json(row):
     out = {
         "name": row["name"],
         "id": row["id"],
@@ -164,12 +164,9 @@ def _find(datadir, name):
 def cmd_volume_show(args):
     datadir = _datadir(args)
     row = _find(datadir, args.name)
-    from .store import ChunkStore
-    from .fileio import OsFiles
-
     info = _volume_json(row)
     info["chunk_size"] = row["chunk_size"]
-    info["allocated_bytes"] = ChunkStore(OsFiles(), datadir.volume_path(row["id"]), row["chunk_size"]).allocated_bytes()
+    info["allocated_bytes"] = datadir.allocated_bytes(row["id"])
     if args.json:
         print(json.dumps(info))
     else:

@@ -150,6 +150,23 @@ class DataDir:
             return None
         return fd
 
+    def allocated_bytes(self, volume_id):
+        """Physical bytes of a volume's directory (st_blocks); 0 before its first write.
+
+        Here, not in the store, so control-plane commands never import numba.
+        """
+        total = 0
+        try:
+            with os.scandir(self.volume_path(volume_id)) as it:
+                for entry in it:
+                    try:
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+                    except FileNotFoundError:
+                        continue
+        except FileNotFoundError:
+            return 0
+        return total
+
     def remove_volume_files(self, volume_id):
         shutil.rmtree(self.volume_path(volume_id), ignore_errors=True)
         try:

@@ -440,20 +440,6 @@ class ChunkStore:
                     continue
         return sorted(out)
 
-    def allocated_bytes(self):
-        """Physical bytes used by the volume directory (st_blocks), never failing on a vanished file."""
-        total = 0
-        try:
-            with os.scandir(self.root) as it:
-                for entry in it:
-                    try:
-                        total += entry.stat(follow_symlinks=False).st_blocks * 512
-                    except FileNotFoundError:
-                        continue
-        except FileNotFoundError:
-            return 0
-        return total
-
     def close(self):
         with self._lock:
             for fd in self._fds.values():

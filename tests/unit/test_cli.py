@@ -108,3 +108,23 @@ def test_scrub_refused_while_data_dir_locked(tmp_path, capsys):
         holder.unlock()
     code, out, _ = run(capsys, "--data-dir", d, "scrub", "v")
     assert code == 0 and "clean" in out
+
+
+def test_control_plane_commands_do_not_import_numba(tmp_path):
+    """volume create/list/show/delete stay fast: no JIT runtime, no zmq."""
+    import subprocess
+    import sys
+
+    d = str(tmp_path / "data")
+    code = (
+        "import sys\n"
+        "from blockd.cli import main\n"
+        f"d = {d!r}\n"
+        "for argv in (['volume','create','v','--size','1G'], ['volume','list','--json'], ['volume','show','v'],"
+        " ['volume','delete','v']):\n"
+        "    assert main(['--data-dir', d] + argv) == 0, argv\n"
+        "heavy = sorted(m for m in ('numba', 'zmq', 'llvmlite') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
