@@ -21,25 +21,11 @@ Rules for this module:
 
 import os
 import sys
-import tempfile
 
+from .jitcache import default_cache_dir as _default_cache_dir
+from .jitcache import ensure as _ensure_cache_dir
 
-def _default_cache_dir():
-    if os.environ.get("BLOCKD_CACHE_DIR"):
-        path = os.path.join(os.environ["BLOCKD_CACHE_DIR"], "numba")
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-        path = os.path.join(base, "blockd", "numba")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:  # e.g. read-only home: per-user temp dir, never the package
-        path = os.path.join(tempfile.gettempdir(), "blockd-%d" % os.getuid())
-        os.makedirs(path, exist_ok=True)
-    return path
-
-
-if not os.environ.get("NUMBA_CACHE_DIR"):
-    os.environ["NUMBA_CACHE_DIR"] = _default_cache_dir()
+_ensure_cache_dir()
 
 import numba  # noqa: E402  (must come after NUMBA_CACHE_DIR is set)
 import numpy as np  # noqa: E402

@@ -13,7 +13,7 @@ import shutil
 import socket
 import sys
 
-from . import checksum
+from . import jitcache
 from .errors import BadInput, BlockdError, Refused
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
@@ -128,7 +128,7 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
     cmd = build_command(datadir.path, listen, threads, lock_fd, nbdkit, verbose)
     env = dict(os.environ)
     env["PYTHONPATH"] = python_path()
-    env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]  # set by blockd.checksum: one shared JIT cache
+    env["NUMBA_CACHE_DIR"] = jitcache.ensure()  # one shared JIT cache: nbdkit must not recompile
     if count <= URI_LIST_MAX:
         for name in names:
             print(f"{name} {uri(listen, name)}", file=out)
