@@ -186,11 +186,28 @@ class Catalog:
         rows = self._query("SELECT * FROM volumes WHERE id=?", (volume_id,))
         return dict(rows[0]) if rows else None
 
-    def volumes(self, limit=None):
-        sql = "SELECT v.*, p.chunk_size FROM volumes v JOIN pools p ON p.id = v.pool_id ORDER BY v.name"
+    def volumes(self, limit=None, type_=None):
+        sql = "SELECT v.*, p.chunk_size FROM volumes v JOIN pools p ON p.id = v.pool_id"
+        args = []
+        if type_ is not None:
+            sql += " WHERE v.type = ?"
+            args.append(type_)
+        sql += " ORDER BY v.name"
         if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        return [dict(r) for r in self._query(sql)]
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        return [dict(r) for r in self._query(sql, args)]
+
+    def resize_volume(self, name, size):
+        """Grow only: a block device that shrinks under a filesystem loses data."""
+        check_volume_size(size)
+        with self.transaction() as db:
+            row = db.execute("SELECT size FROM volumes WHERE name=?", (name,)).fetchone()
+            if not row:
+                raise NotFound(f"unknown volume {name!r}")
+            if size < row[0]:
+                raise Refused(f"volume {name}: shrinking from {row[0]} to {size} bytes is refused (grow only)")
+            db.execute("UPDATE volumes SET size=? WHERE name=?", (size, name))
 
     def volume_names(self, limit):
         return [r[0] for r in self._query("SELECT name FROM volumes ORDER BY name LIMIT ?", (limit,))]

@@ -61,7 +61,15 @@ def build_parser():
     p = vsub.add_parser("list", help="list volumes")
     _add_data_dir(p)
     p.add_argument("--json", action="store_true", help="JSON array of {name, id, size, type, ...}")
+    p.add_argument("--type", help="only volumes of this type")
+    p.add_argument("--limit", type=_positive_int, help="at most N volumes (by name)")
     p.set_defaults(func=cmd_volume_list)
+
+    p = vsub.add_parser("resize", help="grow a volume (new connections see the new size)")
+    _add_data_dir(p)
+    p.add_argument("name")
+    p.add_argument("--size", required=True, help="the new size; shrinking is refused")
+    p.set_defaults(func=cmd_volume_resize)
 
     p = vsub.add_parser("show", help="show one volume")
     _add_data_dir(p)
@@ -80,6 +88,16 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_scrub)
     return parser
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadInput(f"invalid number {text!r}") from None
+    if value <= 0:
+        raise BadInput(f"invalid number {text!r}: must be positive")
+    return value
 
 
 def _datadir(args):
@@ -135,7 +153,7 @@ def cmd_volume_list(args):
     if datadir.exists():
         catalog = datadir.catalog(create=False, readonly=True)
         try:
-            rows = catalog.volumes()
+            rows = catalog.volumes(limit=args.limit, type_=args.type)
         finally:
             catalog.close()
     if args.json:
@@ -172,6 +190,19 @@ def cmd_volume_show(args):
     else:
         for key, value in info.items():
             print(f"{key}: {value}")
+
+
+def cmd_volume_resize(args):
+    check_name(args.name)
+    size = parse_volume_size(args.size)
+    datadir = _datadir(args)
+    _find(datadir, args.name)
+    catalog = datadir.catalog()
+    try:
+        catalog.resize_volume(args.name, size)
+    finally:
+        catalog.close()
+    print(f"{args.name} {format_size(size)}")
 
 
 def cmd_volume_delete(args):

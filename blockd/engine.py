@@ -55,6 +55,8 @@ class Engine:
             if entry is None:
                 entry = self._open_volume(row)
                 self._open[row["id"]] = entry
+            elif row["size"] > entry.volume.size:
+                entry.volume.size = row["size"]  # grown while attached: new connections see it
             entry.refs += 1
             return entry.volume
 

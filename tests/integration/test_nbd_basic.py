@@ -103,3 +103,17 @@ def test_block_status_reports_holes_after_trim_and_zero(server):
     assert h.pread(1 * MiB, 1 * MiB) == bytes(1 * MiB)  # trimmed blocks read as zeros here
     assert h.pread(2 * MiB, 5 * MiB) == bytes(2 * MiB)
     h.shutdown()
+
+
+def test_resize_while_attached_new_connections_see_the_new_size(server, cli):
+    h = server.connect("vol0")
+    h.pwrite(b"keep", 0)
+    cli("volume", "resize", "vol0", "--size", "128MiB", check=True)
+    h2 = server.connect("vol0")
+    assert h2.get_size() == 128 * MiB
+    h2.pwrite(b"tail", 128 * MiB - 4)
+    assert h2.pread(4, 128 * MiB - 4) == b"tail"
+    assert h2.pread(4, 0) == b"keep"
+    assert h.get_size() == 64 * MiB  # an existing connection keeps its negotiated size
+    h.shutdown()
+    h2.shutdown()

@@ -128,3 +128,21 @@ def test_control_plane_commands_do_not_import_numba(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_list_filters_and_resize_grows_only(tmp_path, capsys):
+    d = tmp_path / "data"
+    for name in ("c", "a", "b"):
+        assert run(capsys, "--data-dir", d, "volume", "create", name, "--size", "1G")[0] == 0
+    code, out, _ = run(capsys, "--data-dir", d, "volume", "list", "--json", "--limit", "2")
+    assert [v["name"] for v in json.loads(out)] == ["a", "b"]
+    code, out, _ = run(capsys, "--data-dir", d, "volume", "list", "--json", "--type", "gp3")
+    assert json.loads(out) == []
+    assert run(capsys, "--data-dir", d, "volume", "list", "--limit", "0")[0] == 2
+    assert run(capsys, "--data-dir", d, "volume", "resize", "a", "--size", "2G")[0] == 0
+    code, _, err = run(capsys, "--data-dir", d, "volume", "resize", "a", "--size", "1G")
+    assert code == 1 and "shrinking" in err
+    assert run(capsys, "--data-dir", d, "volume", "resize", "a", "--size", "4097")[0] == 2
+    assert run(capsys, "--data-dir", d, "volume", "resize", "nope", "--size", "4G")[0] == 1
+    sizes = {v["name"]: v["size"] for v in listing(capsys, d)}
+    assert sizes == {"a": 2 << 30, "b": 1 << 30, "c": 1 << 30}
