@@ -87,12 +87,10 @@ class ChunkStore:
     def _recover(self, chunk_indexes):
         buf = np.empty(self.chunk_size, dtype=np.uint8)
         for c in chunk_indexes:
-            path = self._chunk_path(c)
-            if not self.files.exists(path):
-                self._present.discard(c)
+            if c not in self._present:  # listed by open() just before
                 self._sums[c] = self._zero_sums
                 continue
-            fd = self.files.open(path)
+            fd = self.files.open(self._chunk_path(c))
             try:
                 self.files.pread_into(fd, memoryview(buf), 0)
                 # Make the data we are about to vouch for durable first: after
@@ -124,7 +122,7 @@ class ChunkStore:
             self.files.mkdir(self.root)
             self.files.fsync_dir(os.path.dirname(self.root))
         except OSError as exc:
-            self._fail(f"volume directory: {exc.strerror}")
+            self.fail(f"volume directory: {exc.strerror}")
             raise from_oserror("volume directory", exc) from exc
         self._root_ready = True
 
@@ -304,7 +302,7 @@ class ChunkStore:
                 try:
                     self.intent.add(chunk_indexes)
                 except OSError as exc:
-                    self._fail(f"intent log: {exc.strerror}")
+                    self.fail(f"intent log: {exc.strerror}")
                     raise from_oserror("intent log", exc) from exc
             self._writers += 1
             self._active.update(chunk_indexes)
@@ -371,7 +369,7 @@ class ChunkStore:
         try:
             self._sync_data(chunk_indexes)
         except OSError as exc:
-            self._fail(f"fdatasync: {exc.strerror}")
+            self.fail(f"fdatasync: {exc.strerror}")
             raise VolumeFailed(f"volume failed: fdatasync: {exc.strerror}") from exc
 
     def flush(self):
@@ -410,7 +408,7 @@ class ChunkStore:
                 clean = [c for c in batch if c not in self.dirty]
                 self.intent.remove(clean)
         except OSError as exc:
-            self._fail(f"flush: {exc.strerror}")
+            self.fail(f"flush: {exc.strerror}")
             raise VolumeFailed(f"volume failed: flush: {exc.strerror}") from exc
         finally:
             with self._lock:
@@ -418,9 +416,6 @@ class ChunkStore:
 
     def fail(self, reason):
         """Mark the volume failed (writes and flushes refused with EIO from now on)."""
-        self._fail(reason)
-
-    def _fail(self, reason):
         # An fdatasync that failed may have dropped the dirty pages: retrying
         # and trusting a later success would lie.  Refuse writes from now on.
         if not self.failed:
