@@ -45,6 +45,23 @@ def chunk_filename(chunk_index):
     return f"{chunk_index:016x}.chunk"
 
 
+class _Writing:
+    """The mark_dirty / end_write bracket as a context manager (a class: cheaper than a generator)."""
+
+    __slots__ = ("store", "chunks")
+
+    def __init__(self, store, chunks):
+        self.store = store
+        self.chunks = chunks
+
+    def __enter__(self):
+        self.store.mark_dirty(self.chunks)
+
+    def __exit__(self, *exc):
+        self.store.end_write(self.chunks)
+        return False
+
+
 class ChunkStore:
     def __init__(self, files, root, chunk_size):
         self.files = files
@@ -282,11 +299,15 @@ class ChunkStore:
                 raise
 
     # ---- data ---------------------------------------------------------------
+    def writing(self, chunk_indexes):
+        """``with store.writing(chunks):`` brackets a write: mark_dirty on entry, end_write on exit."""
+        return _Writing(self, chunk_indexes)
+
     def mark_dirty(self, chunk_indexes):
         """Begin a write: record chunks as written, durably in the intent log.
 
         Every successful call must be paired with ``end_write()`` once the
-        data and the in-memory checksums are updated.  Flush waits for writes
+        data and the in-memory checksums are updated (``writing()`` does both).  Flush waits for writes
         in progress before it takes its snapshot of the dirty set, so a chunk
         is only ever forgotten by the intent log after every write that
         touched it before the snapshot is fully in the page cache and synced.

@@ -175,51 +175,38 @@ class Volume:
         nzero = checksum.hash_blocks_zero(data, sums, zflags)
         segs = segments(offset, len(data), self.chunk_size)
         chunks = [s.chunk_index for s in segs]
-        store.mark_dirty(chunks)
-        done = []
-        try:
-            return self._write_segments(data, segs, sums, zflags, nzero, offset, done)
-        finally:
-            store.end_write(chunks)
-
-    def _write_segments(self, data, segs, sums, zflags, nzero, offset, done):
-        store = self.store
-        try:
-            for seg in segs:
-                c = seg.chunk_index
-                first = seg.chunk_offset // BLOCK_SIZE
-                b = seg.buf_offset // BLOCK_SIZE
-                count = seg.length // BLOCK_SIZE
-                part = data[seg.buf_offset : seg.buf_offset + seg.length]
-                seg_zero = zflags[b : b + count]
-                zeros = 0 if nzero == 0 else int(np.count_nonzero(seg_zero))
-                if zeros == count:
-                    if store.exists(c):
-                        self._punch(c, seg.chunk_offset, seg.length)
-                        store.writable_sums(c)[first : first + count] = ZERO
-                        store.drop_if_empty(c)
-                    done.append(c)
-                    continue
-                fd = store.pin(c, create=True)
-                try:
-                    if zeros == 0:
-                        store.write(fd, seg.chunk_offset, part)
-                    else:
-                        self._write_runs(fd, seg.chunk_offset, part, seg_zero)
-                    # Still pinned: the chunk cannot be dropped between our
-                    # data and our checksums.
-                    store.writable_sums(c)[first : first + count] = sums[b : b + count]
-                finally:
-                    store.unpin(c)
-                done.append(c)
-        except OSError as exc:
-            # Some blocks may hold new data: re-read what is really there so a
-            # later read never reports a false checksum error.
-            self._resync_sums(offset, len(data))
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(f"{self.name}: no space left in the data dir") from exc
-            raise from_oserror(f"{self.name}: write", exc) from exc
-        return done
+        with store.writing(chunks):
+            try:
+                for seg in segs:
+                    c = seg.chunk_index
+                    first = seg.chunk_offset // BLOCK_SIZE
+                    b = seg.buf_offset // BLOCK_SIZE
+                    count = seg.length // BLOCK_SIZE
+                    part = data[seg.buf_offset : seg.buf_offset + seg.length]
+                    seg_zero = zflags[b : b + count]
+                    zeros = 0 if nzero == 0 else int(np.count_nonzero(seg_zero))
+                    if zeros == count:
+                        self._zero_blocks(c, seg.chunk_offset, seg.length)
+                        continue
+                    fd = store.pin(c, create=True)
+                    try:
+                        if zeros == 0:
+                            store.write(fd, seg.chunk_offset, part)
+                        else:
+                            self._write_runs(fd, seg.chunk_offset, part, seg_zero)
+                        # Still pinned: the chunk cannot be dropped between our
+                        # data and our checksums.
+                        store.writable_sums(c)[first : first + count] = sums[b : b + count]
+                    finally:
+                        store.unpin(c)
+            except OSError as exc:
+                # Some blocks may hold new data: re-read what is really there so a
+                # later read never reports a false checksum error.
+                self._resync_sums(offset, len(data))
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace(f"{self.name}: no space left in the data dir") from exc
+                raise from_oserror(f"{self.name}: write", exc) from exc
+        return chunks
 
     def _write_runs(self, fd, chunk_offset, part, zero_flags):
         edges = np.flatnonzero(np.diff(zero_flags)) + 1
@@ -231,14 +218,22 @@ class Volume:
             else:
                 self.store.write(fd, o, part[lo * BLOCK_SIZE : hi * BLOCK_SIZE])
 
-    def _punch(self, c, chunk_offset, length):
-        fd = self.store.pin(c)
+    def _zero_blocks(self, c, chunk_offset, length):
+        """Punch whole blocks, record them as zero, unlink the chunk if it is now empty.
+
+        Punch first: a failed punch leaves checksums that still match the data.
+        """
+        store = self.store
+        fd = store.pin(c)
         if fd is None:
-            return
+            return  # no file: already zeros
         try:
-            self.store.punch(fd, chunk_offset, length)
+            store.punch(fd, chunk_offset, length)
         finally:
-            self.store.unpin(c)
+            store.unpin(c)
+        first = chunk_offset // BLOCK_SIZE
+        store.writable_sums(c)[first : first + length // BLOCK_SIZE] = ZERO
+        store.drop_if_empty(c)
 
     def _resync_sums(self, offset, length):
         """After a failed write: checksums from what is really on disk.
@@ -313,30 +308,15 @@ class Volume:
             self.store.sync_chunks(touched)
 
     def _punch_blocks(self, first, last):
-        store = self.store
         segs = segments(first, last - first, self.chunk_size)
         chunks = [s.chunk_index for s in segs]
-        store.mark_dirty(chunks)
-        try:
-            self._punch_segments(segs)
-        finally:
-            store.end_write(chunks)
+        with self.store.writing(chunks):
+            for seg in segs:
+                try:
+                    self._zero_blocks(seg.chunk_index, seg.chunk_offset, seg.length)
+                except OSError as exc:
+                    raise from_oserror(f"{self.name}: trim", exc) from exc
         return chunks
-
-    def _punch_segments(self, segs):
-        """Punch first, then record zeros: a failed punch leaves checksums matching the data."""
-        store = self.store
-        for seg in segs:
-            c = seg.chunk_index
-            if not store.exists(c):
-                continue
-            try:
-                self._punch(c, seg.chunk_offset, seg.length)
-            except OSError as exc:
-                raise from_oserror(f"{self.name}: trim", exc) from exc
-            b = seg.chunk_offset // BLOCK_SIZE
-            store.writable_sums(c)[b : b + seg.length // BLOCK_SIZE] = ZERO
-            store.drop_if_empty(c)
 
     # ---- flush / status ----------------------------------------------------
     def flush(self):
