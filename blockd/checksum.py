@@ -197,12 +197,18 @@ def mismatches(data, expected):
     return bad
 
 
-@numba.njit(nogil=True, cache=True)
-def _count_equal_kernel(hashes, value):
+@numba.njit(inline="always")
+def equal_count(hashes, value):
+    """Number of entries equal to value (for use inside other kernels)."""
     n = 0
     for i in range(hashes.shape[0]):
         n += hashes[i] == value
     return n
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_equal_kernel(hashes, value):
+    return equal_count(hashes, value)
 
 
 @numba.njit(parallel=True, cache=True)

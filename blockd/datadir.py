@@ -16,6 +16,7 @@ import shutil
 
 from .catalog import Catalog
 from .errors import BadInput, BlockdError, Busy, ReadOnly
+from .fileio import fsync_dir
 
 ENV_DATA_DIR = "BLOCKD_DATA_DIR"
 
@@ -29,14 +30,6 @@ def default_data_dir():
         return "/var/lib/blockd"
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(base, "blockd")
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DataDir:
@@ -59,17 +52,21 @@ class DataDir:
                 if not os.path.isdir(p):
                     os.makedirs(p, mode=0o700, exist_ok=True)
                     # A new directory entry is durable only once its parent is synced.
-                    _fsync_dir(os.path.dirname(p))
-                    _fsync_dir(p)
+                    fsync_dir(os.path.dirname(p))
+                    fsync_dir(p)
             probe = os.path.join(self.path, ".write-probe")
             with open(probe, "wb"):
                 pass
             os.unlink(probe)
         except OSError as exc:
-            if exc.errno == errno.EROFS:
-                raise ReadOnly(f"data dir {self.path}: read-only filesystem") from exc
-            raise BlockdError(f"data dir {self.path}: {exc.strerror}") from exc
+            raise self._error(exc) from exc
         return self
+
+    def _error(self, exc):
+        """An OSError on the data dir as the error a user sees (read-only gets its own class)."""
+        if exc.errno == errno.EROFS:
+            return ReadOnly(f"data dir {self.path}: read-only filesystem")
+        return BlockdError(f"data dir {self.path}: {exc.strerror}")
 
     def exists(self):
         return os.path.exists(self.catalog_path)
@@ -80,7 +77,7 @@ class DataDir:
             self.init()
         elif not self.exists():
             raise BlockdError(f"data dir {self.path}: no catalog (create a volume first)")
-        return Catalog(self.catalog_path, create=create and not readonly, readonly=readonly)
+        return Catalog(self.catalog_path, create=create, readonly=readonly)
 
     def volume_path(self, volume_id):
         return os.path.join(self.volumes_path, str(volume_id))
@@ -91,9 +88,7 @@ class DataDir:
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            if exc.errno == errno.EROFS:
-                raise ReadOnly(f"data dir {self.path}: read-only filesystem") from exc
-            raise BlockdError(f"data dir {self.path}: {exc.strerror}") from exc
+            raise self._error(exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -140,9 +135,7 @@ class DataDir:
                 os.path.join(self.locks_path, f"{volume_id}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
         except OSError as exc:
-            if exc.errno == errno.EROFS:
-                raise ReadOnly(f"data dir {self.path}: read-only filesystem") from exc
-            raise BlockdError(f"data dir {self.path}: {exc.strerror}") from exc
+            raise self._error(exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:

@@ -15,7 +15,7 @@ import numba
 import numpy as np
 from numba import types
 
-from .checksum import ZERO_BLOCK_HASH, mismatches
+from .checksum import ZERO_BLOCK_HASH, equal_count, mismatches
 
 RWF_NOWAIT = 0x08
 OK = 0
@@ -31,10 +31,7 @@ _ZERO = np.uint64(ZERO_BLOCK_HASH)
 @numba.njit(cache=True)
 def read_verify(fd, data, offset, expected):
     """Fill ``data`` from ``fd`` at ``offset`` if cached, and verify against ``expected``."""
-    holes = 0
-    for i in range(expected.shape[0]):
-        holes += expected[i] == _ZERO
-    if holes == expected.shape[0]:
+    if equal_count(expected, _ZERO) == expected.shape[0]:
         data[:] = 0
         return OK
     iov = np.empty(2, np.uint64)

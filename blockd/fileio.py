@@ -55,6 +55,15 @@ def pread_cached(fd, buf, offset):
     return n if n > 0 else 0
 
 
+def fsync_dir(path):
+    """Make a directory's entries (created, removed, renamed files) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def punch_hole(fd, offset, length):
     """Deallocate ``[offset, offset+length)`` keeping the file size; reads return zeros."""
     if length <= 0:
@@ -121,11 +130,7 @@ class OsFiles:
         os.fsync(fd)
 
     def fsync_dir(self, path):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path)
 
     def punch_hole(self, fd, offset, length):
         punch_hole(fd, offset, length)
