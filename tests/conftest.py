@@ -37,6 +37,26 @@ def wait_for(predicate, timeout=60.0, interval=0.05, what="condition"):
         time.sleep(interval)
 
 
+def run_in_threads(target, args_list):
+    """Run ``target(*args)`` for each args in its own thread, all at once; the exceptions they raised."""
+    import threading
+
+    errors = []
+
+    def run(args):
+        try:
+            target(*args)
+        except Exception as exc:  # reported to the caller, who asserts on it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(args,)) for args in args_list]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 class Server:
     """A real `blockd serve` on a unix socket, started as a child process."""
 

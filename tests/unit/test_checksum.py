@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockd import checksum as cs
+from conftest import run_in_threads
 
 BS = cs.BLOCK_SIZE
 SETTINGS = settings(max_examples=60, deadline=None,
@@ -211,11 +212,7 @@ def test_concurrent_threads():
             if cs.verify_blocks(bufs[i], out).size:
                 errors.append(i)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert run_in_threads(worker, [(i,) for i in range(4)]) == []
     assert errors == []
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from blockd import checksum
 from blockd.errors import ChecksumError, OutOfRange, VolumeFailed
+from conftest import run_in_threads
 from enginekit import Rig
 
 KiB = 1024
@@ -148,27 +149,16 @@ def test_failed_fdatasync_fails_the_volume(tmp_path):
 
 
 def test_concurrent_overlapping_writers_leave_consistent_blocks(rig):
-    import threading
-
     rig.create("v", 8 * CHUNK)
     vol = rig.open("v")
-    errors = []
 
     def writer(seed):
         rng = random.Random(seed)
-        try:
-            for _ in range(200):
-                offset = rng.randrange(0, 8 * CHUNK - 20000)
-                vol.write(bytes([seed]) * rng.randrange(1, 20000), offset)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for _ in range(200):
+            offset = rng.randrange(0, 8 * CHUNK - 20000)
+            vol.write(bytes([seed]) * rng.randrange(1, 20000), offset)
 
-    threads = [threading.Thread(target=writer, args=(s,)) for s in range(1, 5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not run_in_threads(writer, [(s,) for s in range(1, 5)])
     read(vol, 0, 8 * CHUNK)  # every block verifies
     assert vol.scrub() == []
     vol.flush()
@@ -225,27 +215,16 @@ def test_sparse_checksums_cost_one_page_per_lonely_block(tmp_path):
 
 def test_reattach_while_the_last_connection_is_closing(tmp_path):
     """A new connection arriving while the previous one is flushing must wait, not fail."""
-    import threading
-
     rig = Rig(tmp_path / "data", kind="os", chunk_size=CHUNK)
     rig.create("v", 16 * CHUNK)
-    errors = []
 
     def cycle(seed):
-        try:
-            for i in range(30):
-                vol = rig.engine.open("v")
-                vol.write(bytes([seed]) * 4096, (seed * 30 + i) * 4096 % (16 * CHUNK))
-                rig.engine.release(vol)
-        except Exception as exc:
-            errors.append(exc)
+        for i in range(30):
+            vol = rig.engine.open("v")
+            vol.write(bytes([seed]) * 4096, (seed * 30 + i) * 4096 % (16 * CHUNK))
+            rig.engine.release(vol)
 
-    threads = [threading.Thread(target=cycle, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_in_threads(cycle, [(s,) for s in range(4)]) == []
     rig.close()
 
 
