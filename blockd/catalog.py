@@ -12,10 +12,11 @@ import time
 
 from .errors import BadInput, BlockdError, NotFound, Refused
 from .geometry import DEFAULT_CHUNK_SIZE
-from .sizes import check_name, check_volume_size
+from .sizes import check_name, check_volume_size, format_size
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_POOL = "default"
+MAX_LOGICAL_LIMIT = 2**63 - 1  # SQLite integers are signed 64-bit
 BUSY_TIMEOUT_SECONDS = 30  # a CLI waiting on a long provisioning transaction
 
 SCHEMA = """
@@ -27,7 +28,8 @@ CREATE TABLE IF NOT EXISTS pools (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     name          TEXT NOT NULL UNIQUE,
     chunk_size    INTEGER NOT NULL,
-    logical_limit INTEGER            -- NULL: no limit set yet
+    logical_limit INTEGER,           -- NULL: no limit set (unlimited)
+    provisioned   INTEGER NOT NULL DEFAULT 0  -- sum of its volumes' sizes, kept in the same transactions
 );
 CREATE TABLE IF NOT EXISTS volumes (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -37,11 +39,45 @@ CREATE TABLE IF NOT EXISTS volumes (
     type       TEXT NOT NULL DEFAULT 'raw',
     role       TEXT NOT NULL DEFAULT 'primary',
     epoch      INTEGER NOT NULL DEFAULT 1,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    iops       INTEGER,                -- provisioned IOPS (NULL: the type's default)
+    throughput INTEGER                 -- provisioned MiB/s (NULL: the type's default)
 );
 """
 
+# Upgrades from older formats, in order: version -> statements reaching version + 1.
+MIGRATIONS = {
+    1: [
+        "ALTER TABLE pools ADD COLUMN provisioned INTEGER NOT NULL DEFAULT 0",
+        "UPDATE pools SET provisioned = (SELECT COALESCE(SUM(size), 0) FROM volumes WHERE pool_id = pools.id)",
+        "ALTER TABLE volumes ADD COLUMN iops INTEGER",
+        "ALTER TABLE volumes ADD COLUMN throughput INTEGER",
+    ],
+}
+
 VOLUME_TYPES = ("raw",)  # the EBS types arrive with QoS
+PROVISION_BATCH = 10_000  # rows per statement while provisioning a plan (progress granularity)
+MAX_IOPS = 10_000_000
+MAX_THROUGHPUT = 1_000_000  # MiB/s
+
+
+class _RollBack(Exception):
+    """Leaves a transaction without committing (dry runs)."""
+
+
+def check_type(type_):
+    if type_ not in VOLUME_TYPES:
+        raise BadInput(f"invalid volume type {type_!r}: known types are {', '.join(VOLUME_TYPES)}")
+    return type_
+
+
+def check_qos(iops, throughput):
+    """Provisioned IOPS and throughput (MiB/s): positive integers or None (the type's default)."""
+    for label, value, top in (("iops", iops, MAX_IOPS), ("throughput", throughput, MAX_THROUGHPUT)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= top:
+            raise BadInput(f"invalid {label} {value!r}: must be a whole number from 1 to {top}")
 
 
 class Catalog:
@@ -50,13 +86,20 @@ class Catalog:
 
         ``readonly`` opens without writing anything (listing commands), and
         still works on a read-only filesystem where WAL's shared-memory file
-        cannot be created.
+        cannot be created.  A catalog of an older format is upgraded in place
+        by the first open that can write.
         """
         self.path = path
         self._lock = threading.Lock()
         try:
             if readonly:
                 self._db = self._connect_readonly(path)
+                self._db.row_factory = sqlite3.Row
+                if self._version() < FORMAT_VERSION:
+                    # Upgrade once (a normal writable open), then read as asked.
+                    self._db.close()
+                    Catalog(path, create=False).close()
+                    self._db = self._connect_readonly(path)
             else:
                 self._db = sqlite3.connect(
                     path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
@@ -67,6 +110,8 @@ class Catalog:
             self._db.row_factory = sqlite3.Row
             if create and not readonly:
                 self._init_schema()
+            if not readonly:
+                self._migrate()
             self._check_version()
         except sqlite3.OperationalError as exc:
             raise BlockdError(f"catalog {path}: {exc}") from exc
@@ -91,20 +136,40 @@ class Catalog:
 
     def _init_schema(self):
         with self.transaction() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('format_version', ?)", (str(FORMAT_VERSION),)
-            )
+            fresh = db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone() is None
+            if fresh:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT INTO meta (key, value) VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
             db.execute(
                 "INSERT OR IGNORE INTO pools (name, chunk_size) VALUES (?, ?)", (DEFAULT_POOL, DEFAULT_CHUNK_SIZE)
             )
 
+    def _version(self):
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return int(row[0]) if row else None
+
+    def _migrate(self):
+        """Bring an older catalog to FORMAT_VERSION, one version per transaction."""
+        while True:
+            version = self._version()
+            if version is None or version >= FORMAT_VERSION or version not in MIGRATIONS:
+                return
+            with self.transaction() as db:
+                if int(db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone()[0]) != version:
+                    continue  # another process upgraded it meanwhile
+                for statement in MIGRATIONS[version]:
+                    db.execute(statement)
+                db.execute("UPDATE meta SET value=? WHERE key='format_version'", (str(version + 1),))
+
     def _check_version(self):
-        row = self._db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone()
-        if row is None or int(row[0]) != FORMAT_VERSION:
-            found = row[0] if row else "none"
+        version = self._version()
+        if version != FORMAT_VERSION:
+            found = version if version is not None else "none"
             raise Refused(f"catalog {self.path}: format version {found}, this blockd reads {FORMAT_VERSION}")
 
     class _Tx:
@@ -137,10 +202,13 @@ class Catalog:
 
     # ---- pools -------------------------------------------------------------
     def pool(self, name=DEFAULT_POOL):
+        """The pool row plus ``volumes`` (count); ``logical_limit`` None means no limit is set."""
         rows = self._query("SELECT * FROM pools WHERE name=?", (name,))
         if not rows:
             raise NotFound(f"unknown pool {name!r}")
-        return dict(rows[0])
+        out = dict(rows[0])
+        out["volumes"] = self._query("SELECT COUNT(*) FROM volumes WHERE pool_id=?", (out["id"],))[0][0]
+        return out
 
     def set_chunk_size(self, chunk_size, name=DEFAULT_POOL):
         """Only while the pool has no volumes: chunk size is fixed per pool."""
@@ -151,22 +219,73 @@ class Catalog:
                 raise Refused(f"pool {name}: chunk size is fixed once volumes exist")
             db.execute("UPDATE pools SET chunk_size=? WHERE id=?", (chunk_size, pool[0]))
 
+    @staticmethod
+    def effective_limit(pool):
+        """The limit as shown: with none set, what is provisioned (so add/set arithmetic is what you see)."""
+        return pool["logical_limit"] if pool["logical_limit"] is not None else pool["provisioned"]
+
+    def add_capacity(self, delta, name=DEFAULT_POOL):
+        """Raise the logical limit by ``delta`` bytes; returns (old, new) limits."""
+        if delta <= 0:
+            raise BadInput(f"invalid capacity {delta}: must be positive")
+        with self.transaction() as db:
+            pool = dict(db.execute("SELECT * FROM pools WHERE name=?", (name,)).fetchone())
+            old = self.effective_limit(pool)
+            new = old + delta
+            if new > MAX_LOGICAL_LIMIT:
+                raise BadInput(
+                    f"invalid capacity: {format_size(old)} + {format_size(delta)} exceeds the largest limit "
+                    f"{MAX_LOGICAL_LIMIT} bytes"
+                )
+            db.execute("UPDATE pools SET logical_limit=? WHERE id=?", (new, pool["id"]))
+        return old, new
+
+    def set_capacity(self, limit, name=DEFAULT_POOL):
+        """Set the logical limit (None: no limit); refused below what is provisioned.  Returns (old, new)."""
+        if limit is not None and not 0 <= limit <= MAX_LOGICAL_LIMIT:
+            raise BadInput(f"invalid capacity {limit}: must be 0-{MAX_LOGICAL_LIMIT} bytes")
+        with self.transaction() as db:
+            pool = dict(db.execute("SELECT * FROM pools WHERE name=?", (name,)).fetchone())
+            if limit is not None and limit < pool["provisioned"]:
+                raise Refused(
+                    f"pool {name}: cannot set the logical limit to {format_size(limit)}: "
+                    f"{format_size(pool['provisioned'])} ({pool['provisioned']} bytes) is already provisioned; "
+                    "delete volumes first or set a limit at least that large"
+                )
+            db.execute("UPDATE pools SET logical_limit=? WHERE id=?", (limit, pool["id"]))
+        return self.effective_limit(pool), limit
+
+    @staticmethod
+    def _reserve(db, pool, extra, what):
+        """Refuse ``extra`` more provisioned bytes beyond the limit, naming what is missing."""
+        limit = pool["logical_limit"]
+        if limit is None or pool["provisioned"] + extra <= limit:
+            return
+        missing = pool["provisioned"] + extra - limit
+        raise Refused(
+            f"pool {pool['name']}: {what} needs {format_size(missing)} ({missing} bytes) more logical capacity: "
+            f"limit {format_size(limit)}, provisioned {format_size(pool['provisioned'])}; "
+            f"raise it with `blockd capacity add {format_size(missing)}`"
+        )
+
     # ---- volumes -----------------------------------------------------------
-    def create_volume(self, name, size, type_="raw"):
+    def create_volume(self, name, size, type_="raw", iops=None, throughput=None):
         check_name(name)
         check_volume_size(size)
-        if type_ not in VOLUME_TYPES:
-            raise BadInput(f"invalid volume type {type_!r}: known types are {', '.join(VOLUME_TYPES)}")
+        check_type(type_)
+        check_qos(iops, throughput)
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM volumes WHERE name=?", (name,)).fetchone():
                 raise Refused(f"volume {name} already exists")
-            pool = db.execute("SELECT id FROM pools WHERE name=?", (DEFAULT_POOL,)).fetchone()
-            cur = db.execute(
-                "INSERT INTO volumes (name, pool_id, size, type, created_at) VALUES (?, ?, ?, ?, ?)",
-                (name, pool[0], size, type_, time.time()),
+            pool = db.execute("SELECT * FROM pools WHERE name=?", (DEFAULT_POOL,)).fetchone()
+            self._reserve(db, pool, size, f"creating {name} ({format_size(size)})")
+            db.execute(
+                "INSERT INTO volumes (name, pool_id, size, type, created_at, iops, throughput) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, pool["id"], size, type_, time.time(), iops, throughput),
             )
-            volume_id = cur.lastrowid
-        return self.volume(name) if volume_id else None
+            db.execute("UPDATE pools SET provisioned = provisioned + ? WHERE id=?", (size, pool["id"]))
+        return self.volume(name)
 
     def volume(self, name):
         rows = self._query(
@@ -202,12 +321,19 @@ class Catalog:
         """Grow only: a block device that shrinks under a filesystem loses data."""
         check_volume_size(size)
         with self.transaction() as db:
-            row = db.execute("SELECT size FROM volumes WHERE name=?", (name,)).fetchone()
+            row = db.execute("SELECT id, size, pool_id FROM volumes WHERE name=?", (name,)).fetchone()
             if not row:
                 raise NotFound(f"unknown volume {name!r}")
-            if size < row[0]:
-                raise Refused(f"volume {name}: shrinking from {row[0]} to {size} bytes is refused (grow only)")
-            db.execute("UPDATE volumes SET size=? WHERE name=?", (size, name))
+            if size < row["size"]:
+                raise Refused(
+                    f"volume {name}: shrinking from {format_size(row['size'])} to {format_size(size)} is refused "
+                    "(grow only: a filesystem on it would lose data)"
+                )
+            pool = db.execute("SELECT * FROM pools WHERE id=?", (row["pool_id"],)).fetchone()
+            self._reserve(db, pool, size - row["size"], f"growing {name} to {format_size(size)}")
+            db.execute("UPDATE volumes SET size=? WHERE id=?", (size, row["id"]))
+            db.execute("UPDATE pools SET provisioned = provisioned + ? WHERE id=?", (size - row["size"], pool["id"]))
+        return row["size"], size
 
     def volume_names(self, limit):
         return [r[0] for r in self._query("SELECT name FROM volumes ORDER BY name LIMIT ?", (limit,))]
@@ -216,12 +342,125 @@ class Catalog:
         return self._query("SELECT COUNT(*) FROM volumes")[0][0]
 
     def delete_volume(self, name):
+        """Remove the row (its capacity returns to the pool); returns the volume id."""
         with self.transaction() as db:
-            row = db.execute("SELECT id FROM volumes WHERE name=?", (name,)).fetchone()
+            row = db.execute("SELECT id, size, pool_id FROM volumes WHERE name=?", (name,)).fetchone()
             if not row:
                 raise NotFound(f"unknown volume {name!r}")
-            db.execute("DELETE FROM volumes WHERE id=?", (row[0],))
-            return row[0]
+            db.execute("DELETE FROM volumes WHERE id=?", (row["id"],))
+            db.execute("UPDATE pools SET provisioned = provisioned - ? WHERE id=?", (row["size"], row["pool_id"]))
+            return row["id"]
+
+    # ---- event plans -------------------------------------------------------
+    def provision(self, batches, logical_limit=None, dry_run=False, progress=None):
+        """Create the volumes of a plan in one transaction: all or nothing, idempotent.
+
+        ``batches`` yields lists of (name, size, type, iops, throughput, group)
+        rows, already validated.  ``logical_limit`` is a target: the pool's
+        limit is raised to it if lower, never lowered.  Volumes that exist
+        with the same attributes are kept; one that exists with different
+        ones refuses the whole plan.  ``progress(phase, count, total)`` is
+        called per batch ("checking", then "creating").  Returns a dict of what was (or,
+        with ``dry_run``, would be) done; a dry run rolls everything back.
+        """
+        report = {}
+        try:
+            with self.transaction() as db:
+                self._provision(db, batches, logical_limit, progress, report)
+                if dry_run:
+                    raise _RollBack()
+        except _RollBack:
+            pass
+        return report
+
+    def _provision(self, db, batches, target, progress, report):
+        db.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS plan (name TEXT PRIMARY KEY, size INTEGER, type TEXT, "
+            "iops INTEGER, throughput INTEGER, grp INTEGER)"
+        )
+        db.execute("DELETE FROM temp.plan")
+        staged = 0
+        for batch in batches:
+            try:
+                db.executemany("INSERT INTO temp.plan VALUES (?, ?, ?, ?, ?, ?)", batch)
+            except sqlite3.IntegrityError:
+                seen = set()
+                for row in batch:
+                    twice = row[0] in seen or db.execute("SELECT 1 FROM temp.plan WHERE name=?", (row[0],)).fetchone()
+                    if twice:
+                        raise BadInput(f"invalid plan: volume {row[0]} is named twice") from None
+                    seen.add(row[0])
+                raise
+            staged += len(batch)
+            if progress:
+                progress("checking", len(batch), None)
+        conflicts = db.execute(
+            "SELECT p.name, p.size AS plan_size, v.size, p.type AS plan_type, v.type, p.iops AS plan_iops, v.iops, "
+            "p.throughput AS plan_throughput, v.throughput FROM temp.plan p JOIN volumes v ON v.name = p.name "
+            "WHERE v.size != p.size OR v.type != p.type OR v.iops IS NOT p.iops OR v.throughput IS NOT p.throughput "
+            "LIMIT 1"
+        ).fetchone()
+        if conflicts:
+            c = conflicts
+            diffs = []
+            for key, shown in (("size", format_size), ("type", str), ("iops", str), ("throughput", str)):
+                if c[key] != c["plan_" + key]:
+                    diffs.append(f"{key} {shown(c[key]) if c[key] is not None else 'default'} in the catalog, "
+                                 f"{shown(c['plan_' + key]) if c['plan_' + key] is not None else 'default'} in the plan")
+            total = db.execute(
+                "SELECT COUNT(*) FROM temp.plan p JOIN volumes v ON v.name = p.name WHERE v.size != p.size "
+                "OR v.type != p.type OR v.iops IS NOT p.iops OR v.throughput IS NOT p.throughput"
+            ).fetchone()[0]
+            more = f" (and {total - 1} more)" if total > 1 else ""
+            raise Refused(f"plan conflicts with existing volume {c['name']}: {'; '.join(diffs)}{more}; nothing changed")
+        groups = {}
+        for grp, planned, existing, new_bytes in db.execute(
+            "SELECT p.grp, COUNT(*), COUNT(v.id), COALESCE(SUM(CASE WHEN v.id IS NULL THEN p.size END), 0) "
+            "FROM temp.plan p LEFT JOIN volumes v ON v.name = p.name GROUP BY p.grp"
+        ):
+            groups[grp] = {"planned": planned, "existing": existing, "created": planned - existing, "bytes": new_bytes}
+        new_bytes = sum(g["bytes"] for g in groups.values())
+        to_create = sum(g["created"] for g in groups.values())
+        pool = dict(db.execute("SELECT * FROM pools WHERE name=?", (DEFAULT_POOL,)).fetchone())
+        old_limit = self.effective_limit(pool)
+        limit = pool["logical_limit"]
+        if target is not None and (limit is None or limit < target):
+            if target > MAX_LOGICAL_LIMIT:
+                raise BadInput(f"invalid plan: logical_limit {target} exceeds the largest limit {MAX_LOGICAL_LIMIT}")
+            limit = target
+            db.execute("UPDATE pools SET logical_limit=? WHERE id=?", (limit, pool["id"]))
+            pool["logical_limit"] = limit
+        self._reserve(db, pool, new_bytes, f"the plan ({to_create} new volumes, {format_size(new_bytes)})")
+        now = time.time()
+        first, last = db.execute("SELECT MIN(rowid), MAX(rowid) FROM temp.plan").fetchone()
+        if to_create and first is not None:
+            step = PROVISION_BATCH
+            for lo in range(first, last + 1, step):
+                cur = db.execute(
+                    "INSERT INTO volumes (name, pool_id, size, type, created_at, iops, throughput) "
+                    "SELECT p.name, ?, p.size, p.type, ?, p.iops, p.throughput FROM temp.plan p "
+                    "WHERE p.rowid >= ? AND p.rowid < ? AND NOT EXISTS (SELECT 1 FROM volumes v WHERE v.name = p.name) "
+                    "ORDER BY p.rowid",
+                    (pool["id"], now, lo, lo + step),
+                )
+                if progress:
+                    progress("creating", cur.rowcount, to_create)
+            db.execute("UPDATE pools SET provisioned = provisioned + ? WHERE id=?", (new_bytes, pool["id"]))
+        db.execute("DELETE FROM temp.plan")
+        provisioned = pool["provisioned"] + new_bytes
+        new_limit = limit if limit is not None else provisioned
+        report.update(
+            volumes_planned=staged,
+            volumes_created=to_create,
+            volumes_existing=staged - to_create,
+            logical_bytes_created=new_bytes,
+            logical_limit_before=old_limit,
+            logical_limit=new_limit,
+            logical_limit_set=limit is not None,
+            logical_capacity_added=max(0, new_limit - old_limit) if limit is not None else 0,
+            logical_provisioned=provisioned,
+            groups=groups,
+        )
 
     def close(self):
         with self._lock:

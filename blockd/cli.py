@@ -1,10 +1,14 @@
 """The ``blockd`` command line.
 
-Owns argument parsing and the translation of errors into one line on stderr
-plus an exit code: 0 success, 2 bad input, 1 refused or failed.  Every command
-accepts ``--data-dir DIR`` (env BLOCKD_DATA_DIR) before or after the
-subcommand.  Commands that only edit the catalog work while a server runs;
-commands that read volume data offline (scrub) take the data-dir lock.
+Owns argument parsing, the JSON each ``--json`` prints (docs/CLI.md), and the
+translation of errors into one line on stderr plus an exit code: 0 success,
+2 bad input, 1 refused or failed.  Every command accepts ``--data-dir DIR``
+(env BLOCKD_DATA_DIR) before or after the subcommand.
+
+Two kinds of commands: catalog-only ones (volume create/list/show, capacity,
+provision) edit SQLite and work whether or not a server runs; live ones
+(volume resize/delete, scrub) go through the running server's control
+socket, or, with no server, run offline under the data-dir lock.
 """
 
 import argparse
@@ -13,9 +17,11 @@ import os
 import sqlite3
 import sys
 
+from . import control
+from .catalog import check_type
 from .datadir import DataDir, default_data_dir
-from .errors import BadInput, BlockdError, Busy, NotFound, Refused
-from .sizes import check_name, format_size, parse_volume_size
+from .errors import BadInput, BlockdError, NotFound, Refused
+from .sizes import check_name, format_size, parse_size, parse_volume_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,7 +50,7 @@ def build_parser():
     p.add_argument("--verbose", action="store_true", help="nbdkit debug output")
     p.set_defaults(func=cmd_serve)
 
-    vol = sub.add_parser("volume", help="create, list, show and delete volumes")
+    vol = sub.add_parser("volume", help="create, list, show, resize and delete volumes")
     _add_data_dir(vol)
     vsub = vol.add_subparsers(dest="volume_command", metavar="ACTION")
     vsub.required = True
@@ -54,35 +60,66 @@ def build_parser():
     p.add_argument("name")
     p.add_argument("--size", required=True, help="e.g. 8GiB, 16T, 500GB, 1073741824")
     p.add_argument("--type", default="raw", help="volume type (default raw: no QoS)")
-    p.add_argument("--exist-ok", action="store_true", help="succeed if a volume of this name and size exists")
+    p.add_argument("--iops", type=_positive_int, help="provisioned IOPS")
+    p.add_argument("--throughput", type=_positive_int, metavar="MiB/s", help="provisioned throughput in MiB/s")
+    p.add_argument("--exist-ok", action="store_true", help="succeed if a volume of this name, size and type exists")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_volume_create)
 
     p = vsub.add_parser("list", help="list volumes")
     _add_data_dir(p)
-    p.add_argument("--json", action="store_true", help="JSON array of {name, id, size, type, ...}")
+    p.add_argument("--json", action="store_true", help="JSON array of volume objects (docs/CLI.md)")
     p.add_argument("--type", help="only volumes of this type")
     p.add_argument("--limit", type=_positive_int, help="at most N volumes (by name)")
     p.set_defaults(func=cmd_volume_list)
 
-    p = vsub.add_parser("resize", help="grow a volume (new connections see the new size)")
-    _add_data_dir(p)
-    p.add_argument("name")
-    p.add_argument("--size", required=True, help="the new size; shrinking is refused")
-    p.set_defaults(func=cmd_volume_resize)
-
-    p = vsub.add_parser("show", help="show one volume")
+    p = vsub.add_parser("show", help="show one volume (with its attachment, if a server runs)")
     _add_data_dir(p)
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_volume_show)
 
-    p = vsub.add_parser("delete", help="delete a volume that is not attached, and free its chunks")
+    p = vsub.add_parser("resize", help="grow a volume (online: new connections see the new size)")
     _add_data_dir(p)
     p.add_argument("name")
+    p.add_argument("--size", required=True, help="the new size; shrinking is refused")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_volume_resize)
+
+    p = vsub.add_parser("delete", help="delete a volume and free its chunks (refused while attached)")
+    _add_data_dir(p)
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="delete even while attached: its connections get EIO")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_volume_delete)
 
-    p = sub.add_parser("scrub", help="verify every allocated block of a volume (offline)")
+    cap = sub.add_parser("capacity", help="the pool's logical limit, provisioned and physical capacity")
+    _add_data_dir(cap)
+    csub = cap.add_subparsers(dest="capacity_command", metavar="ACTION")
+    csub.required = True
+    p = csub.add_parser("show", help="logical limit, provisioned, physical size and use, overcommit, headroom")
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_capacity_show)
+    p = csub.add_parser("add", help="raise the logical limit by SIZE (e.g. 241PiB)")
+    _add_data_dir(p)
+    p.add_argument("size")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_capacity_add)
+    p = csub.add_parser("set", help="set the logical limit to SIZE ('unlimited' removes it)")
+    _add_data_dir(p)
+    p.add_argument("size")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_capacity_set)
+
+    p = sub.add_parser("provision", help="apply an event plan (TOML): capacity and volumes, all or nothing")
+    _add_data_dir(p)
+    p.add_argument("plan", help="plan file, e.g. tools/plans/prime-day-2020.toml")
+    p.add_argument("--dry-run", action="store_true", help="print exactly what would happen; change nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("scrub", help="verify every allocated block of a volume (online: flushes first)")
     _add_data_dir(p)
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
@@ -105,16 +142,21 @@ def _datadir(args):
 
 
 def _volume_json(row):
-    out = {
+    return {
         "name": row["name"],
         "id": row["id"],
         "size": row["size"],
         "type": row["type"],
+        "iops": row["iops"],
+        "throughput": row["throughput"],
         "role": row["role"],
         "epoch": row["epoch"],
         "created_at": row["created_at"],
     }
-    return out
+
+
+def _print(obj):
+    print(json.dumps(obj))
 
 
 # ---- commands ----------------------------------------------------------------
@@ -128,23 +170,35 @@ def cmd_serve(args):
 def cmd_volume_create(args):
     check_name(args.name)
     size = parse_volume_size(args.size)
+    check_type(args.type)
     catalog = _datadir(args).catalog()
     try:
         existing = catalog.find_volume(args.name)
         if existing and args.exist_ok:
-            if existing["size"] != size or existing["type"] != args.type:
+            wanted = (size, args.type, args.iops, args.throughput)
+            if (existing["size"], existing["type"], existing["iops"], existing["throughput"]) != wanted:
                 raise Refused(
                     f"volume {args.name} exists with size {existing['size']} and type {existing['type']}"
+                    f"{_qos_text(existing)}"
                 )
             row = existing
         else:
-            row = catalog.create_volume(args.name, size, args.type)
+            row = catalog.create_volume(args.name, size, args.type, args.iops, args.throughput)
     finally:
         catalog.close()
     if args.json:
-        print(json.dumps(_volume_json(row)))
+        _print(_volume_json(row))
     else:
-        print(f"{row['name']} {format_size(row['size'])} {row['type']}")
+        print(f"{row['name']} {format_size(row['size'])} {row['type']}{_qos_text(row)}")
+
+
+def _qos_text(row):
+    parts = []
+    if row["iops"] is not None:
+        parts.append(f" iops {row['iops']}")
+    if row["throughput"] is not None:
+        parts.append(f" throughput {row['throughput']}MiB/s")
+    return "".join(parts)
 
 
 def cmd_volume_list(args):
@@ -157,15 +211,15 @@ def cmd_volume_list(args):
         finally:
             catalog.close()
     if args.json:
-        print(json.dumps([_volume_json(r) for r in rows]))
+        _print([_volume_json(r) for r in rows])
         return
     if not rows:
         print("no volumes")
         return
     width = max(len(r["name"]) for r in rows)
-    print(f"{'NAME':<{width}}  {'SIZE':>10}  TYPE")
-    for r in rows:
-        print(f"{r['name']:<{width}}  {format_size(r['size']):>10}  {r['type']}")
+    out = [f"{'NAME':<{width}}  {'SIZE':>10}  TYPE"]
+    out += [f"{r['name']:<{width}}  {format_size(r['size']):>10}  {r['type']}" for r in rows]
+    print("\n".join(out))
 
 
 def _find(datadir, name):
@@ -185,71 +239,310 @@ def cmd_volume_show(args):
     info = _volume_json(row)
     info["chunk_size"] = row["chunk_size"]
     info["allocated_bytes"] = datadir.allocated_bytes(row["id"])
+    connections = 0
+    try:
+        sock = control.connect(datadir.path)
+    except control.NoServer:
+        info["server"] = False
+    else:
+        info["server"] = True
+        connections = control.call(sock, "attached", name=args.name)["connections"]
+    info["attached"] = connections > 0
+    info["connections"] = connections
     if args.json:
-        print(json.dumps(info))
+        _print(info)
     else:
         for key, value in info.items():
             print(f"{key}: {value}")
+
+
+def _live(datadir, name):
+    """("online", sock) with a server running, else ("offline", lock fd): see control.wait_for_server_or_lock."""
+    _find(datadir, name)  # unknown volume: refused before waiting for anything
+    return control.wait_for_server_or_lock(datadir)
 
 
 def cmd_volume_resize(args):
     check_name(args.name)
     size = parse_volume_size(args.size)
     datadir = _datadir(args)
-    _find(datadir, args.name)
-    catalog = datadir.catalog()
-    try:
-        catalog.resize_volume(args.name, size)
-    finally:
-        catalog.close()
-    print(f"{args.name} {format_size(size)}")
+    mode, handle = _live(datadir, args.name)
+    if mode == "online":
+        result = control.call(handle, "resize", name=args.name, size=size)
+        old = result["old_size"]
+    else:
+        try:
+            catalog = datadir.catalog(create=False)
+            try:
+                old, _ = catalog.resize_volume(args.name, size)
+            finally:
+                catalog.close()
+        finally:
+            datadir.unlock()
+    if args.json:
+        _print({"name": args.name, "old_size": old, "size": size, "online": mode == "online"})
+    else:
+        print(f"{args.name} {format_size(size)}" + (f" (was {format_size(old)})" if old != size else ""))
 
 
 def cmd_volume_delete(args):
     datadir = _datadir(args)
-    row = _find(datadir, args.name)
-    lock_fd = datadir.volume_lock(row["id"])
-    if lock_fd is None:
-        raise Busy(f"volume {args.name} is attached; detach it first")
-    try:
-        catalog = datadir.catalog(create=False)
+    mode, handle = _live(datadir, args.name)
+    cut = 0
+    if mode == "online":
+        cut = control.call(handle, "delete", name=args.name, force=args.force)["connections_cut"]
+    else:
         try:
-            catalog.delete_volume(args.name)
+            catalog = datadir.catalog(create=False)
+            try:
+                volume_id = catalog.delete_volume(args.name)
+            finally:
+                catalog.close()
+            datadir.remove_volume_files(volume_id)
         finally:
-            catalog.close()
-        datadir.remove_volume_files(row["id"])
-    finally:
-        os.close(lock_fd)
-    print(f"deleted {args.name}")
-
-
-def cmd_scrub(args):
-    from .engine import Engine
-
-    datadir = _datadir(args)
-    _find(datadir, args.name)
-    try:
-        datadir.lock()
-    except Busy:
-        raise Busy(
-            f"data dir {datadir.path} is held by a running server: its newest checksums are not on disk yet; "
-            "stop the server to scrub offline"
-        ) from None
-    engine = Engine(datadir)
-    try:
-        volume = engine.open(args.name)
-        progress = _progress(volume)
-        try:
-            bad = volume.scrub(progress=progress.update if progress else None)
-        finally:
-            if progress:
-                progress.close()
-            engine.release(volume)
-    finally:
-        engine.close()
-        datadir.unlock()
+            datadir.unlock()
     if args.json:
-        print(json.dumps({"name": args.name, "corrupt_offsets": bad, "clean": not bad}))
+        _print({"name": args.name, "deleted": True, "connections_cut": cut, "online": mode == "online"})
+    elif cut:
+        print(f"deleted {args.name} (forced: {cut} connection{'s' if cut != 1 else ''} now get EIO)")
+    else:
+        print(f"deleted {args.name}")
+
+
+# ---- capacity ----------------------------------------------------------------------
+def _capacity(datadir, catalog=None):
+    """The capacity object of docs/CLI.md."""
+    if catalog is None and not datadir.exists():
+        pool = {"name": "default", "logical_limit": None, "provisioned": 0, "volumes": 0}
+    else:
+        own = catalog is None
+        if own:
+            catalog = datadir.catalog(create=False, readonly=True)
+        try:
+            pool = catalog.pool()
+        finally:
+            if own:
+                catalog.close()
+    phys = datadir.physical()
+    provisioned = pool["provisioned"]
+    limit = pool["logical_limit"]
+    return {
+        "pool": pool["name"],
+        "logical_limit": limit if limit is not None else provisioned,
+        "logical_limit_set": limit is not None,
+        "logical_provisioned": provisioned,
+        "logical_headroom": limit - provisioned if limit is not None else None,
+        "volumes": pool["volumes"],
+        "physical_size": phys["size"],
+        "physical_used": phys["used"],
+        "physical_available": phys["available"],
+        "physical_headroom_ratio": phys["available"] / phys["size"] if phys["size"] else 0.0,
+        "overcommit_ratio": provisioned / phys["size"] if phys["size"] else 0.0,
+    }
+
+
+def _print_capacity(cap, datadir):
+    limit = format_size(cap["logical_limit"]) if cap["logical_limit_set"] else "none set (unlimited)"
+    headroom = format_size(cap["logical_headroom"]) if cap["logical_limit_set"] else "unlimited"
+    lines = [
+        f"pool                 {cap['pool']} ({datadir.path})",
+        f"logical limit        {limit}",
+        f"logical provisioned  {format_size(cap['logical_provisioned'])} in {cap['volumes']} volumes",
+        f"logical headroom     {headroom}",
+        f"physical size        {format_size(cap['physical_size'])}",
+        f"physical used        {format_size(cap['physical_used'])} by blockd",
+        f"physical available   {format_size(cap['physical_available'])} "
+        f"({cap['physical_headroom_ratio'] * 100:.1f}% headroom)",
+        f"overcommit           {cap['overcommit_ratio']:,.2f}x (logical provisioned / physical size)",
+    ]
+    print("\n".join(lines))
+
+
+def cmd_capacity_show(args):
+    datadir = _datadir(args)
+    cap = _capacity(datadir)
+    if args.json:
+        _print(cap)
+    else:
+        _print_capacity(cap, datadir)
+
+
+def _capacity_change(args, change):
+    datadir = _datadir(args)
+    catalog = datadir.catalog()
+    try:
+        old, new = change(catalog)
+        cap = _capacity(datadir, catalog)
+    finally:
+        catalog.close()
+    if args.json:
+        _print(cap)
+    else:
+        shown = format_size(new) if new is not None else "unlimited"
+        print(f"logical limit {format_size(old)} -> {shown} ({format_size(cap['logical_provisioned'])} provisioned)")
+
+
+def cmd_capacity_add(args):
+    delta = parse_size(args.size)
+    if delta <= 0:
+        raise BadInput(f"invalid size {args.size!r}: capacity add needs a positive size")
+    _capacity_change(args, lambda catalog: catalog.add_capacity(delta))
+
+
+def cmd_capacity_set(args):
+    limit = None if args.size.strip().lower() in ("unlimited", "none") else parse_size(args.size)
+    _capacity_change(args, lambda catalog: catalog.set_capacity(limit))
+
+
+# ---- event plans ---------------------------------------------------------------------
+def cmd_provision(args):
+    from . import plan as plans
+
+    plan = plans.load(args.plan)
+    datadir = _datadir(args)
+    bars = _ProvisionProgress(plan.total_volumes) if sys.stderr.isatty() else None
+    catalog = datadir.catalog()
+    try:
+        report = catalog.provision(
+            plan.batches(), plan.logical_limit, dry_run=args.dry_run, progress=bars.update if bars else None
+        )
+        if bars:
+            bars.close()
+        cap = _capacity(datadir, catalog)
+    finally:
+        catalog.close()
+    if args.dry_run:
+        # Nothing was written: show the figures the real run would leave.
+        cap["logical_provisioned"] = report["logical_provisioned"]
+        cap["logical_limit"] = report["logical_limit"]
+        cap["logical_limit_set"] = report["logical_limit_set"]
+        cap["volumes"] += report["volumes_created"]
+        size = cap["physical_size"]
+        cap["overcommit_ratio"] = report["logical_provisioned"] / size if size else 0.0
+    groups = []
+    for g in plan.groups:
+        counts = report["groups"].get(g.number, {})
+        first, last = g.first_and_last()
+        groups.append(
+            {
+                "name": g.pattern, "count": g.count, "first": first, "last": last, "size": g.size, "type": g.type,
+                "iops": g.iops, "throughput": g.throughput,
+                "created": counts.get("created", 0), "existing": counts.get("existing", 0),
+            }
+        )
+    summary = {
+        "plan": args.plan,
+        "dry_run": args.dry_run,
+        "changed": bool(report["volumes_created"] or report["logical_capacity_added"]) and not args.dry_run,
+        "volumes_planned": report["volumes_planned"],
+        "volumes_created": report["volumes_created"],
+        "volumes_existing": report["volumes_existing"],
+        "logical_bytes_created": report["logical_bytes_created"],
+        "logical_capacity_added": report["logical_capacity_added"],
+        "logical_limit_before": report["logical_limit_before"],
+        "logical_limit": cap["logical_limit"],
+        "logical_provisioned": cap["logical_provisioned"],
+        "overcommit_ratio": cap["overcommit_ratio"],
+        "physical_size": cap["physical_size"],
+        "physical_used": cap["physical_used"],
+        "physical_available": cap["physical_available"],
+        "physical_headroom_ratio": cap["physical_headroom_ratio"],
+        "groups": groups,
+    }
+    if args.json:
+        _print(summary)
+    else:
+        _print_provision(summary)
+
+
+def _print_provision(s):
+    would = "would " if s["dry_run"] else ""
+    lines = []
+    if s["dry_run"]:
+        lines.append(f"dry run of {s['plan']}: nothing was changed; a real run {would}do this:")
+    else:
+        lines.append(f"plan {s['plan']}:")
+    for g in s["groups"]:
+        span = g["first"] if g["count"] == 1 else f"{g['first']} .. {g['last']}"
+        lines.append(
+            f"  {span}: {g['count']} x {format_size(g['size'])} {g['type']}: "
+            f"{would}create {g['created']}, {g['existing']} already exist"
+        )
+    added = s["logical_capacity_added"]
+    lines.append(
+        f"logical capacity {'to add' if would else 'added'}: {format_size(added)} "
+        f"(limit {format_size(s['logical_limit_before'])} -> {format_size(s['logical_limit'])})"
+    )
+    lines.append(
+        f"volumes {'to create' if would else 'created'}: {s['volumes_created']} "
+        f"({format_size(s['logical_bytes_created'])}); already present: {s['volumes_existing']}"
+    )
+    lines.append(
+        f"overcommit after: {s['overcommit_ratio']:,.2f}x "
+        f"({format_size(s['logical_provisioned'])} provisioned on {format_size(s['physical_size'])} physical)"
+    )
+    lines.append(
+        f"physical headroom: {format_size(s['physical_available'])} available "
+        f"({s['physical_headroom_ratio'] * 100:.1f}%)"
+    )
+    if not s["dry_run"] and not s["changed"]:
+        lines.append("nothing to do: the plan is already in place")
+    print("\n".join(lines))
+
+
+class _ProvisionProgress:
+    """Progress bars on a terminal: checking the plan, then creating volumes."""
+
+    def __init__(self, total):
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.total = total
+        self.bar = None
+        self.phase = None
+
+    def update(self, phase, count, total):
+        if phase != self.phase:
+            self.close()
+            self.phase = phase
+            self.bar = self._tqdm(total=total or self.total, unit="vol", unit_scale=True, desc=phase, leave=False)
+        self.bar.update(count)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ---- scrub -------------------------------------------------------------------------
+def cmd_scrub(args):
+    datadir = _datadir(args)
+    row = _find(datadir, args.name)
+    mode, handle = _live(datadir, args.name)
+    if mode == "online":
+        bar = _bytes_bar(datadir.chunk_count(row["id"]) * row["chunk_size"], args.name)
+        last = [0]
+
+        def progress(done):
+            if bar:
+                bar.update(done - last[0])
+                last[0] = done
+
+        try:
+            result = control.call(handle, "scrub", progress=progress, timeout=None, name=args.name)
+        finally:
+            if bar:
+                bar.close()
+        bad = result["corrupt_offsets"]
+        scanned = result["scanned_bytes"]
+    else:
+        try:
+            bad, scanned = _scrub_offline(datadir, args.name)
+        finally:
+            datadir.unlock()
+    if args.json:
+        _print({"name": args.name, "clean": not bad, "corrupt_offsets": bad, "scanned_bytes": scanned,
+                "online": mode == "online"})
     elif bad:
         for offset in bad:
             print(f"corrupt block at offset {offset}")
@@ -259,15 +552,39 @@ def cmd_scrub(args):
     return 1 if bad else 0
 
 
-def _progress(volume):
+def _scrub_offline(datadir, name):
+    from .engine import Engine
+
+    engine = Engine(datadir)
+    try:
+        volume = engine.open(name)
+        bar = _bytes_bar(len(volume.store.chunk_indexes()) * volume.chunk_size, name)
+        scanned = [0]
+
+        def progress(nbytes):
+            scanned[0] += nbytes
+            if bar:
+                bar.update(nbytes)
+
+        try:
+            bad = volume.scrub(progress=progress)
+        finally:
+            if bar:
+                bar.close()
+            engine.release(volume)
+    finally:
+        engine.close()
+    return bad, scanned[0]
+
+
+def _bytes_bar(total, name):
     if not sys.stderr.isatty():
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    total = len(volume.store.chunk_indexes()) * volume.chunk_size
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"scrub {volume.name}")
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"scrub {name}")
 
 
 def main(argv=None):

@@ -148,16 +148,52 @@ class DataDir:
 
         Here, not in the store, so control-plane commands never import numba.
         """
-        total = 0
+        return self._tree_blocks(self.volume_path(volume_id))
+
+    def chunk_count(self, volume_id):
+        """Chunk files a volume has on disk (0 before its first write)."""
         try:
-            with os.scandir(self.volume_path(volume_id)) as it:
-                for entry in it:
-                    try:
-                        total += entry.stat(follow_symlinks=False).st_blocks * 512
-                    except FileNotFoundError:
-                        continue
+            return sum(1 for name in os.listdir(self.volume_path(volume_id)) if name.endswith(".chunk"))
         except FileNotFoundError:
             return 0
+
+    def physical(self):
+        """The pool's physical side: filesystem size and free space, bytes blockd itself uses.
+
+        ``used`` is what the data dir holds (chunks, checksums, logs, catalog),
+        counted by allocated blocks, so holes cost nothing; ``available`` is
+        what can still be written (statvfs f_bavail).  Before the data dir
+        exists, the filesystem it would be created on is measured.
+        """
+        probe = self.path
+        while not os.path.isdir(probe):
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                break
+            probe = parent
+        st = os.statvfs(probe)
+        used = 0
+        for top in (self.path, self.volumes_path):
+            try:
+                with os.scandir(top) as it:
+                    for entry in it:
+                        if entry.is_file(follow_symlinks=False):
+                            used += _blocks(entry)
+                        elif top == self.volumes_path and entry.is_dir(follow_symlinks=False):
+                            used += _blocks(entry) + self._tree_blocks(entry.path)
+            except FileNotFoundError:
+                continue
+        return {"size": st.f_blocks * st.f_frsize, "used": used, "available": st.f_bavail * st.f_frsize}
+
+    @staticmethod
+    def _tree_blocks(path):
+        total = 0
+        try:
+            with os.scandir(path) as it:
+                for entry in it:
+                    total += _blocks(entry)
+        except FileNotFoundError:
+            pass
         return total
 
     def remove_volume_files(self, volume_id):
@@ -166,3 +202,11 @@ class DataDir:
             os.unlink(os.path.join(self.locks_path, f"{volume_id}.lock"))
         except FileNotFoundError:
             pass
+
+
+def _blocks(entry):
+    """Allocated bytes of a directory entry; 0 if it vanished meanwhile."""
+    try:
+        return entry.stat(follow_symlinks=False).st_blocks * 512
+    except FileNotFoundError:
+        return 0

@@ -39,6 +39,7 @@ class Engine:
         self._closed = threading.Condition(self._lock)
         self._open = {}  # volume id -> _Open
         self._closing = set()  # volume ids whose last connection is closing them
+        self._retired = {}  # volume id -> _Open: deleted (--force) while connections still hold it
 
     def open(self, name, readonly=False):
         """Attach: the shared Volume for ``name`` (refcounted)."""
@@ -85,7 +86,8 @@ class Engine:
         """Detach one connection; the last one flushes and closes."""
         with self._lock:
             entry = self._open.get(volume.volume_id)
-            if entry is None:
+            if entry is None or entry.volume is not volume:
+                self._release_retired(volume)
                 return
             entry.refs -= 1
             if entry.refs > 0:
@@ -99,6 +101,84 @@ class Engine:
             with self._lock:
                 self._closing.discard(volume.volume_id)
                 self._closed.notify_all()
+
+    def _release_retired(self, volume):
+        """Called with the engine lock held: the last connection of a deleted volume cleans up."""
+        entry = self._retired.get(volume.volume_id)
+        if entry is None:
+            return
+        entry.refs -= 1
+        if entry.refs > 0:
+            return
+        del self._retired[volume.volume_id]
+        try:
+            entry.volume.close()  # failed store: closes descriptors, flushes nothing
+        finally:
+            os.close(entry.lock_fd)
+            # A write racing the delete may have recreated the directory.
+            self.datadir.remove_volume_files(volume.volume_id)
+
+    # ---- control operations (reached through the control socket) ----------
+    def connections(self, name):
+        """How many NBD connections have ``name`` open (0: not attached)."""
+        row = self.catalog.volume(name)
+        with self._lock:
+            entry = self._open.get(row["id"])
+            return entry.refs if entry is not None else 0
+
+    def attached(self):
+        """{name: connections} for every attached volume."""
+        with self._lock:
+            return {e.volume.name: e.refs for e in self._open.values()}
+
+    def resize(self, name, size):
+        """Grow in the catalog and in memory: new connections see the new size at once."""
+        with self._lock:
+            old, new = self.catalog.resize_volume(name, size)
+            row = self.catalog.volume(name)
+            entry = self._open.get(row["id"])
+            if entry is not None and new > entry.volume.size:
+                entry.volume.size = new
+        return old, new
+
+    def delete(self, name, force=False):
+        """Delete a volume and free its chunks; refused while attached unless ``force``.
+
+        With ``force``, its connections stay open but every request on them
+        fails with EIO from now on; the files go at once (descriptors still
+        open keep only unlinked inodes) and again when the last one closes.
+        Returns how many connections were cut.
+        """
+        check_name(name)
+        with self._lock:
+            row = self.catalog.volume(name)
+            while row["id"] in self._closing:  # its last connection is flushing: let it finish
+                self._closed.wait()
+            entry = self._open.get(row["id"])
+            if entry is not None and not force:
+                raise Busy(
+                    f"volume {name} is attached ({entry.refs} connection{'s' if entry.refs != 1 else ''}); "
+                    "detach it first or use --force"
+                )
+            cut = 0
+            if entry is not None:
+                entry.volume.retire("volume was deleted")
+                del self._open[row["id"]]
+                self._retired[row["id"]] = entry
+                cut = entry.refs
+            self.catalog.delete_volume(name)
+        # Outside the lock (a big volume takes a while): with the row gone, nobody can open it again.
+        self.datadir.remove_volume_files(row["id"])
+        return cut
+
+    def scrub(self, name, progress=None):
+        """Online scrub: flush (so every checksum is current), then verify every allocated block."""
+        volume = self.open(name)
+        try:
+            volume.flush()
+            return volume.scrub(progress=progress)
+        finally:
+            self.release(volume)
 
     def open_volumes(self):
         with self._lock:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+from .control import ControlServer
 from .datadir import DataDir
 from .engine import Engine
 from .errors import BadInput, ReadOnly
@@ -30,6 +31,7 @@ _KEYS = {"data_dir", "lock_fd"}
 _shutdown_lock = threading.Lock()
 _config = {}
 _engine = None
+_control = None
 
 
 def config(key, value):
@@ -70,7 +72,9 @@ def get_ready():
 
 
 def after_fork():
-    """Threads (replication, metrics) start here, never before nbdkit forks."""
+    """Threads (control, replication, metrics) start here, never before nbdkit forks."""
+    global _control
+    _control = ControlServer(_engine.datadir.path, _engine).start()
     quit_fd = find_quit_pipe()
     if quit_fd is not None:
         threading.Thread(target=_watch_quit, args=(quit_fd,), name="blockd-quit", daemon=True).start()
@@ -124,6 +128,8 @@ def _watch_quit(fd):
         # Give requests already in flight a moment to be answered, then make
         # everything durable and leave: clients see the connection close.
         time.sleep(SHUTDOWN_GRACE_SECONDS)
+        if _control is not None:
+            _control.close()
         failed = _engine.flush_all()
         if failed:
             sys.stderr.write(f"blockd: terminated: flush FAILED for {', '.join(failed)}; exiting\n")
@@ -135,6 +141,8 @@ def _watch_quit(fd):
 
 def cleanup():
     with _shutdown_lock:
+        if _control is not None:
+            _control.close()
         if _engine is not None:
             _engine.close()
 

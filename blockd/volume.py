@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from . import checksum, fastio
-from .errors import BlockdError, ChecksumError, NoSpace, OutOfRange, ReadOnly, from_oserror
+from .errors import BlockdError, ChecksumError, NoSpace, OutOfRange, ReadOnly, VolumeFailed, from_oserror
 from .geometry import BLOCK_SIZE, segments
 from .rangelock import RangeLock
 
@@ -49,9 +49,12 @@ class Volume:
         self.chunk_size = store.chunk_size
         self._locks = RangeLock()
         self.checksum_errors = 0
+        self.gone = None  # reason, once the volume was deleted under its connections (delete --force)
 
     # ---- helpers -----------------------------------------------------------
     def _check_range(self, offset, length):
+        if self.gone:
+            raise VolumeFailed(f"{self.name}: {self.gone}")
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OutOfRange(
                 f"{self.name}: request [{offset}, {offset + length}) is past the end of the volume ({self.size} bytes)"
@@ -377,29 +380,41 @@ class Volume:
 
     # ---- scrub -------------------------------------------------------------
     def scrub(self, progress=None):
-        """Verify every block of every chunk file; returns corrupt block offsets (bytes)."""
+        """Verify every block of every chunk file; returns corrupt block offsets (bytes).
+
+        Safe while the volume is attached: each chunk is read and checked
+        under a shared range lock, so a write in flight is never half seen.
+        """
         store = self.store
         bad_offsets = []
         chunks = store.chunk_indexes()
         buf = np.empty(self.chunk_size, dtype=np.uint8)
         for c in chunks:
-            fd = store.pin(c)
-            if fd is None:
-                if progress:
-                    progress(self.chunk_size)
-                continue
+            held = self._locks.acquire(c * self.chunk_size, (c + 1) * self.chunk_size, False)
             try:
-                store.read_into(fd, 0, memoryview(buf))
+                if self.gone:
+                    raise VolumeFailed(f"{self.name}: {self.gone}")
+                fd = store.pin(c)
+                if fd is not None:
+                    try:
+                        store.read_into(fd, 0, memoryview(buf))
+                    finally:
+                        store.unpin(c)
+                    bad = checksum.verify_blocks(buf, store.sums(c))
+                    bad_offsets.extend(c * self.chunk_size + int(i) * BLOCK_SIZE for i in bad)
             finally:
-                store.unpin(c)
-            bad = checksum.verify_blocks(buf, store.sums(c))
-            bad_offsets.extend(c * self.chunk_size + int(i) * BLOCK_SIZE for i in bad)
+                self._locks.release(held)
             if progress:
                 progress(self.chunk_size)
         if bad_offsets:
             self.checksum_errors += len(bad_offsets)
             self.events.checksum_error(self, bad_offsets)
         return bad_offsets
+
+    def retire(self, reason):
+        """Deleted under its connections: every later request fails with EIO, nothing is flushed."""
+        self.gone = reason
+        self.store.fail(reason)
 
     def close(self):
         try:

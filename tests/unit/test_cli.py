@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from blockd.catalog import Catalog
+from blockd.catalog import FORMAT_VERSION, Catalog
 from blockd.cli import main
 
 
@@ -88,22 +88,27 @@ def test_catalog_is_wal_synchronous_full_with_format_version(tmp_path, capsys):
     run(capsys, "--data-dir", d, "volume", "create", "v", "--size", "1G")
     db = sqlite3.connect(d / "catalog.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone()[0] == "1"
+    assert db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone()[0] == str(FORMAT_VERSION)
     cat = Catalog(str(d / "catalog.db"))
     assert cat._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     cat.close()
 
 
-def test_scrub_refused_while_data_dir_locked(tmp_path, capsys):
+def test_live_commands_refused_while_data_dir_locked_without_a_server(tmp_path, capsys, monkeypatch):
+    """Lock held, nothing on the control socket (a server starting, or another offline command)."""
+    from blockd import control
     from blockd.datadir import DataDir
 
+    monkeypatch.setattr(control, "SERVER_START_WAIT_SECONDS", 0.3)
     d = tmp_path / "data"
     run(capsys, "--data-dir", d, "volume", "create", "v", "--size", "1G")
     holder = DataDir(str(d)).init()
     holder.lock()
     try:
-        code, _, err = run(capsys, "--data-dir", d, "scrub", "v")
-        assert code == 1 and "held by a running server" in err
+        for argv in (["scrub", "v"], ["volume", "delete", "v"], ["volume", "resize", "v", "--size", "2G"]):
+            code, _, err = run(capsys, "--data-dir", d, *argv)
+            assert code == 1 and str(os.getpid()) in err and "control socket does not answer" in err, (argv, err)
+        assert [(v["name"], v["size"]) for v in listing(capsys, d)] == [("v", 1 << 30)]
     finally:
         holder.unlock()
     code, out, _ = run(capsys, "--data-dir", d, "scrub", "v")

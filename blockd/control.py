@@ -1,0 +1,324 @@
+"""The control socket: how CLI commands reach a running server's engine.
+
+A running ``blockd serve`` listens on ``<data dir>/control.sock`` (a unix
+socket, mode 0600, in a 0700 directory).  One request per connection, one
+JSON object on one line; the reply is zero or more progress lines and one
+final line::
+
+    -> {"op": "delete", "name": "db1", "force": false}
+    <- {"progress": 4194304, "total": 8388608}          (scrub only)
+    <- {"ok": true, "result": {...}}
+    <- {"ok": false, "error": "volume db1 is attached ...", "kind": "Busy", "exit_code": 1}
+
+Owns the wire format, the listener thread and the client.  It never imports
+the engine: the server hands it an object with the engine's control methods
+(``connections``, ``attached``, ``resize``, ``delete``, ``scrub``), so the CLI
+can import this module without loading numba.  A malformed request gets one
+error line back and the listener keeps serving.
+"""
+
+import errno
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+from . import errors
+from .errors import BadInput, BlockdError, Busy
+from .sizes import check_name, check_volume_size
+
+SOCKET_NAME = "control.sock"
+MAX_REQUEST_BYTES = 64 * 1024
+CONNECT_TIMEOUT_SECONDS = 5.0
+REPLY_TIMEOUT_SECONDS = 120.0  # a delete of a big volume frees many files; scrub has no timeout
+SERVER_START_WAIT_SECONDS = 15.0  # data dir locked but no socket yet: a server is starting
+
+_UNIX_PATH_MAX = 100  # sun_path is 108 bytes; longer paths go through /proc/self/fd
+
+
+def socket_path(datadir_path):
+    return os.path.join(datadir_path, SOCKET_NAME)
+
+
+class _ShortPath:
+    """A unix socket path short enough for sun_path, via /proc/self/fd/N when needed."""
+
+    def __init__(self, path):
+        self.path = path
+        self._fd = None
+        if len(path.encode()) > _UNIX_PATH_MAX:
+            self._fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.address = f"/proc/self/fd/{self._fd}/{os.path.basename(path)}"
+        else:
+            self.address = path
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.address
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+# ---- server ---------------------------------------------------------------------
+class ControlServer:
+    """Listens on the control socket in a daemon thread; one thread per request."""
+
+    def __init__(self, datadir_path, engine, log=None):
+        self.path = socket_path(datadir_path)
+        self.engine = engine
+        self.log = log or (lambda line: sys.stderr.write(f"blockd: control: {line}\n"))
+        self.malformed = 0
+        self._sock = None
+
+    def start(self):
+        # We hold the data-dir lock: any socket file here is a dead server's.
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        with _ShortPath(self.path) as address:
+            sock.bind(address)
+        os.chmod(self.path, 0o600)  # before listen(): nobody can connect until then
+        sock.listen(64)
+        self._sock = sock
+        threading.Thread(target=self._accept_loop, name="blockd-control", daemon=True).start()
+        return self
+
+    def _accept_loop(self):
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EINVAL):
+                    return  # closed
+                self.log(f"accept: {exc.strerror}")
+                time.sleep(0.1)
+                continue
+            threading.Thread(target=self._serve_one, args=(conn,), name="blockd-control-req", daemon=True).start()
+
+    def close(self):
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _serve_one(self, conn):
+        with conn:
+            conn.settimeout(CONNECT_TIMEOUT_SECONDS)
+            try:
+                request = _read_request(conn)
+            except BadInput as exc:
+                self.malformed += 1
+                self.log(f"refused a malformed request: {exc}")
+                _send(conn, _error_reply(exc))
+                return
+            except OSError:
+                return
+            conn.settimeout(None)
+
+            def emit(line):
+                _send(conn, line)
+
+            try:
+                result = self.dispatch(request, emit)
+                reply = {"ok": True, "result": result}
+            except BlockdError as exc:
+                reply = _error_reply(exc)
+            except Exception as exc:  # a bug: answer, log, keep serving
+                self.log(f"{request.get('op')}: {type(exc).__name__}: {exc}")
+                reply = _error_reply(BlockdError(f"internal error: {type(exc).__name__}: {exc}"))
+            try:
+                _send(conn, reply)
+            except OSError:
+                pass  # the client went away; the operation itself is done
+
+    def dispatch(self, request, emit):
+        op = request.get("op")
+        handler = _OPS.get(op)
+        if handler is None:
+            raise BadInput(f"unknown control operation {op!r}: known are {', '.join(sorted(_OPS))}")
+        return handler(self, request, emit)
+
+    # ---- operations ----------------------------------------------------------
+    def _op_ping(self, request, emit):
+        return {"pid": os.getpid()}
+
+    def _op_attached(self, request, emit):
+        if request.get("name") is None:
+            return {"volumes": self.engine.attached()}
+        name = _name(request)
+        return {"name": name, "connections": self.engine.connections(name)}
+
+    def _op_resize(self, request, emit):
+        name = _name(request)
+        size = _int(request, "size")
+        check_volume_size(size)
+        old, new = self.engine.resize(name, size)
+        return {"name": name, "old_size": old, "size": new}
+
+    def _op_delete(self, request, emit):
+        name = _name(request)
+        force = request.get("force", False)
+        if not isinstance(force, bool):
+            raise BadInput("invalid request: force must be true or false")
+        cut = self.engine.delete(name, force=force)
+        return {"name": name, "connections_cut": cut}
+
+    def _op_scrub(self, request, emit):
+        name = _name(request)
+        done = [0]
+        last = [0.0]
+
+        def progress(nbytes):
+            done[0] += nbytes
+            now = time.monotonic()
+            if now - last[0] >= 0.2:  # a few lines a second, however fast the scrub
+                last[0] = now
+                emit({"progress": done[0]})
+
+        bad = self.engine.scrub(name, progress=progress)
+        return {"name": name, "scanned_bytes": done[0], "corrupt_offsets": bad}
+
+
+_OPS = {
+    "ping": ControlServer._op_ping,
+    "attached": ControlServer._op_attached,
+    "resize": ControlServer._op_resize,
+    "delete": ControlServer._op_delete,
+    "scrub": ControlServer._op_scrub,
+}
+
+
+def _name(request):
+    name = request.get("name")
+    if not isinstance(name, str):
+        raise BadInput("invalid request: name must be a string")
+    return check_name(name)
+
+
+def _int(request, key):
+    value = request.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadInput(f"invalid request: {key} must be an integer")
+    return value
+
+
+def _read_request(conn):
+    data = b""
+    while b"\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            if not data:
+                raise OSError(errno.ECONNRESET, "closed before a request")
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST_BYTES:
+            raise BadInput(f"invalid request: longer than {MAX_REQUEST_BYTES} bytes")
+    line = data.split(b"\n", 1)[0]
+    try:
+        request = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInput(f"invalid request: not JSON ({exc})") from None
+    if not isinstance(request, dict):
+        raise BadInput("invalid request: expected a JSON object")
+    return request
+
+
+def _send(conn, obj):
+    conn.sendall(json.dumps(obj).encode() + b"\n")
+
+
+def _error_reply(exc):
+    return {"ok": False, "error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code}
+
+
+# ---- client ---------------------------------------------------------------------
+class NoServer(Exception):
+    """No server answers on this data dir's control socket."""
+
+
+def connect(datadir_path):
+    """A connected socket to the running server, or raise NoServer."""
+    path = socket_path(datadir_path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(CONNECT_TIMEOUT_SECONDS)
+    try:
+        with _ShortPath(path) as address:
+            sock.connect(address)
+    except FileNotFoundError:
+        sock.close()
+        raise NoServer(path) from None
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTDIR):
+            raise NoServer(path) from None
+        raise BlockdError(f"control socket {path}: {exc.strerror}") from None
+    return sock
+
+
+def call(sock, op, progress=None, timeout=REPLY_TIMEOUT_SECONDS, **args):
+    """Send one request on a connected socket; return its result or raise the server's error."""
+    request = {"op": op, **args}
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            _send(sock, request)
+            reader = sock.makefile("rb")
+            for raw in reader:
+                reply = json.loads(raw)
+                if "progress" in reply:
+                    if progress:
+                        progress(reply["progress"])
+                    continue
+                if reply.get("ok"):
+                    return reply.get("result")
+                raise _error_from(reply)
+        except socket.timeout:
+            raise BlockdError(f"server did not answer {op} within {timeout:.0f} s") from None
+        except (OSError, ValueError) as exc:
+            raise BlockdError(f"control socket: {op}: {exc}") from None
+    raise BlockdError(f"server closed the control connection during {op} (is it shutting down?)")
+
+
+def _error_from(reply):
+    cls = getattr(errors, str(reply.get("kind")), None)
+    if not (isinstance(cls, type) and issubclass(cls, BlockdError)):
+        cls = BlockdError
+    exc = cls(reply.get("error", "unknown error"))
+    exc.exit_code = reply.get("exit_code", cls.exit_code)
+    return exc
+
+
+def wait_for_server_or_lock(datadir, timeout=None):
+    """Either a connected control socket (a server runs) or the data-dir lock fd (offline).
+
+    Returns ("online", sock) or ("offline", lock_fd).  While the lock is held
+    but nothing answers (a server starting, or another offline command),
+    retries until ``timeout``, then refuses clearly.
+    """
+    deadline = time.monotonic() + (SERVER_START_WAIT_SECONDS if timeout is None else timeout)
+    delay = 0.02
+    while True:
+        try:
+            return "online", connect(datadir.path)
+        except NoServer:
+            pass
+        try:
+            return "offline", datadir.lock()
+        except Busy as exc:
+            if time.monotonic() >= deadline:
+                raise Busy(f"{exc}; its control socket does not answer") from None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
