@@ -357,7 +357,8 @@ class Catalog:
 
         ``batches`` yields lists of (name, size, type, iops, throughput, group)
         rows, already validated.  ``logical_limit`` is a target: the pool's
-        limit is raised to it if lower, never lowered.  Volumes that exist
+        limit is raised to it if lower, never lowered (a pool with no limit
+        gets the target, or more if what exists plus the plan needs more).  Volumes that exist
         with the same attributes are kept; one that exists with different
         ones refuses the whole plan.  ``progress(phase, count, total)`` is
         called per batch ("checking", then "creating").  Returns a dict of what was (or,
@@ -381,15 +382,21 @@ class Catalog:
         db.execute("DELETE FROM temp.plan")
         staged = 0
         for batch in batches:
+            names = {row[0] for row in batch}
+            if len(names) != len(batch):
+                seen = set()
+                for row in batch:
+                    if row[0] in seen:
+                        raise BadInput(f"invalid plan: volume {row[0]} is named twice")
+                    seen.add(row[0])
             try:
                 db.executemany("INSERT INTO temp.plan VALUES (?, ?, ?, ?, ?, ?)", batch)
             except sqlite3.IntegrityError:
-                seen = set()
+                # Named by an earlier batch (rows of this one before it went in too).
                 for row in batch:
-                    twice = row[0] in seen or db.execute("SELECT 1 FROM temp.plan WHERE name=?", (row[0],)).fetchone()
-                    if twice:
+                    hit = db.execute("SELECT rowid FROM temp.plan WHERE name=?", (row[0],)).fetchone()
+                    if hit and hit[0] <= staged:
                         raise BadInput(f"invalid plan: volume {row[0]} is named twice") from None
-                    seen.add(row[0])
                 raise
             staged += len(batch)
             if progress:
@@ -424,10 +431,15 @@ class Catalog:
         pool = dict(db.execute("SELECT * FROM pools WHERE name=?", (DEFAULT_POOL,)).fetchone())
         old_limit = self.effective_limit(pool)
         limit = pool["logical_limit"]
+        if target is not None and target > MAX_LOGICAL_LIMIT:
+            raise BadInput(f"invalid plan: logical_limit {target} exceeds the largest limit {MAX_LOGICAL_LIMIT}")
         if target is not None and (limit is None or limit < target):
-            if target > MAX_LOGICAL_LIMIT:
-                raise BadInput(f"invalid plan: logical_limit {target} exceeds the largest limit {MAX_LOGICAL_LIMIT}")
-            limit = target
+            # No limit yet (unlimited): the plan sets one that holds everything,
+            # what exists and what it creates.  An operator's explicit limit is
+            # only ever raised to the target; volumes beyond it are refused.
+            limit = target if limit is not None else max(target, pool["provisioned"] + new_bytes)
+            if limit > MAX_LOGICAL_LIMIT:
+                raise BadInput(f"invalid plan: the pool would exceed the largest limit {MAX_LOGICAL_LIMIT} bytes")
             db.execute("UPDATE pools SET logical_limit=? WHERE id=?", (limit, pool["id"]))
             pool["logical_limit"] = limit
         self._reserve(db, pool, new_bytes, f"the plan ({to_create} new volumes, {format_size(new_bytes)})")

@@ -18,7 +18,7 @@ import sqlite3
 import sys
 
 from . import control
-from .catalog import check_type
+from .catalog import Catalog, check_type
 from .datadir import DataDir, default_data_dir
 from .errors import BadInput, BlockdError, NotFound, Refused
 from .sizes import check_name, format_size, parse_size, parse_volume_size
@@ -401,7 +401,10 @@ def cmd_provision(args):
     plan = plans.load(args.plan)
     datadir = _datadir(args)
     bars = _ProvisionProgress(plan.total_volumes) if sys.stderr.isatty() else None
-    catalog = datadir.catalog()
+    if args.dry_run and not datadir.exists():
+        catalog = Catalog(":memory:")  # a dry run on a new data dir must not create it
+    else:
+        catalog = datadir.catalog()
     try:
         report = catalog.provision(
             plan.batches(), plan.logical_limit, dry_run=args.dry_run, progress=bars.update if bars else None

@@ -122,7 +122,11 @@ class ControlServer:
             except BadInput as exc:
                 self.malformed += 1
                 self.log(f"refused a malformed request: {exc}")
-                _send(conn, _error_reply(exc))
+                try:
+                    _send(conn, _error_reply(exc))
+                    _linger(conn)
+                except OSError:
+                    pass
                 return
             except OSError:
                 return
@@ -234,6 +238,17 @@ def _read_request(conn):
     if not isinstance(request, dict):
         raise BadInput("invalid request: expected a JSON object")
     return request
+
+
+def _linger(conn, limit=4 * MAX_REQUEST_BYTES):
+    """Let the client read our error: closing with unread input would reset the connection."""
+    conn.shutdown(socket.SHUT_WR)
+    drained = 0
+    while drained < limit:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        drained += len(chunk)
 
 
 def _send(conn, obj):

@@ -116,7 +116,7 @@ def test_live_commands_refused_while_data_dir_locked_without_a_server(tmp_path, 
 
 
 def test_control_plane_commands_do_not_import_numba(tmp_path):
-    """volume create/list/show/delete stay fast: no JIT runtime, no zmq."""
+    """Catalog and offline live commands stay fast: no JIT runtime, no zmq."""
     import subprocess
     import sys
 
@@ -125,8 +125,10 @@ def test_control_plane_commands_do_not_import_numba(tmp_path):
         "import sys\n"
         "from blockd.cli import main\n"
         f"d = {d!r}\n"
+        f"open({str(tmp_path / 'p.toml')!r}, 'w').write('[[volumes]]\\nname = \"p{{index}}\"\\ncount = 3\\nsize = 4096\\n')\n"
         "for argv in (['volume','create','v','--size','1G'], ['volume','list','--json'], ['volume','show','v'],"
-        " ['volume','delete','v']):\n"
+        " ['volume','resize','v','--size','2G'], ['capacity','add','1P'], ['capacity','show','--json'],"
+        f" ['provision', {str(tmp_path / 'p.toml')!r}], ['volume','delete','v']):\n"
         "    assert main(['--data-dir', d] + argv) == 0, argv\n"
         "heavy = sorted(m for m in ('numba', 'zmq', 'llvmlite') if m in sys.modules)\n"
         "assert not heavy, heavy\n"

@@ -1,0 +1,214 @@
+"""Live commands through the control socket of a real `blockd serve` (nbdkit + plugin)."""
+
+import json
+import os
+import socket
+import stat
+
+import nbd
+import pytest
+
+from conftest import ROOT, run_cli, wait_for
+
+MiB = 1 << 20
+PRIME_DAY = os.path.join(ROOT, "tools", "plans", "prime-day-2020.toml")
+
+
+def js(proc):
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    return json.loads(proc.stdout)
+
+
+def one_line_error(proc, code, *needles):
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("blockd: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def control_request(data_dir, raw):
+    """Send raw bytes to the control socket; return the reply lines (JSON)."""
+    s = socket.socket(socket.AF_UNIX)
+    fd = os.open(str(data_dir), os.O_PATH)  # the tmp path may be longer than sun_path
+    try:
+        s.connect(f"/proc/self/fd/{fd}/control.sock")
+        s.sendall(raw)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    finally:
+        s.close()
+        os.close(fd)
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_control_socket_is_private(server, data_dir):
+    path = os.path.join(data_dir, "control.sock")
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+
+
+def test_delete_refused_while_attached_then_succeeds_after_disconnect(server, data_dir, cli):
+    h = server.connect("vol0")
+    h.pwrite(os.urandom(8 * MiB), 0)
+    h.flush()
+    show = js(cli("volume", "show", "vol0", "--json"))
+    assert show["attached"] and show["connections"] == 1 and show["server"]
+    before = js(cli("volume", "list", "--json"))
+    one_line_error(cli("volume", "delete", "vol0"), 1, "vol0", "attached")
+    assert js(cli("volume", "list", "--json")) == before
+    assert h.pread(4096, 0)  # still served
+    h.shutdown()
+    wait_for(lambda: not js(cli("volume", "show", "vol0", "--json"))["attached"], what="detach")
+    vol_dir = os.path.join(data_dir, "volumes", str(show["id"]))
+    assert os.path.isdir(vol_dir)
+    out = js(cli("volume", "delete", "vol0", "--json"))
+    assert out == {"name": "vol0", "deleted": True, "connections_cut": 0, "online": True}
+    assert not os.path.exists(vol_dir)  # chunks freed
+    assert js(cli("volume", "list", "--json")) == []
+    assert js(cli("capacity", "show", "--json"))["logical_provisioned"] == 0
+    with pytest.raises(nbd.Error):
+        server.connect("vol0")
+    assert server.proc.poll() is None
+
+
+def test_delete_force_while_attached_cuts_the_connection(server, data_dir, cli):
+    h = server.connect("vol0")
+    h.pwrite(b"x" * 4096, 0)
+    h.flush()
+    vol_id = js(cli("volume", "show", "vol0", "--json"))["id"]
+    out = js(cli("volume", "delete", "vol0", "--force", "--json"))
+    assert out["connections_cut"] == 1
+    assert not os.path.exists(os.path.join(data_dir, "volumes", str(vol_id)))
+    with pytest.raises(nbd.Error) as err:
+        h.pread(4096, 0)
+    assert err.value.errno == "EIO"
+    with pytest.raises(nbd.Error):
+        h.pwrite(b"y" * 4096, 0)
+    h.shutdown()
+    # A new volume of the same name is a new, empty volume.
+    cli("volume", "create", "vol0", "--size", "64MiB", check=True)
+    h2 = server.connect("vol0")
+    assert h2.pread(4096, 0) == bytes(4096)
+    h2.shutdown()
+    assert not os.path.exists(os.path.join(data_dir, "volumes", str(vol_id)))
+
+
+def test_online_resize_through_the_server(server, cli):
+    h = server.connect("vol0")
+    assert h.get_size() == 64 * MiB
+    out = js(cli("volume", "resize", "vol0", "--size", "128MiB", "--json"))
+    assert out == {"name": "vol0", "old_size": 64 * MiB, "size": 128 * MiB, "online": True}
+    h2 = server.connect("vol0")
+    assert h2.get_size() == 128 * MiB
+    h2.pwrite(b"z" * 4096, 100 * MiB)
+    assert h2.pread(4096, 100 * MiB) == b"z" * 4096
+    one_line_error(cli("volume", "resize", "vol0", "--size", "32MiB"), 1, "shrink")
+    assert js(cli("volume", "show", "vol0", "--json"))["size"] == 128 * MiB
+    h.shutdown()
+    h2.shutdown()
+
+
+def test_online_scrub_flushes_first_then_finds_a_flipped_byte(server, data_dir, cli):
+    h = server.connect("vol0")
+    data = os.urandom(4 * MiB + 8192)
+    h.pwrite(data, 0)  # not flushed: scrub must flush before it verifies
+    out = js(cli("scrub", "vol0", "--json"))
+    assert out["clean"] and out["online"] and out["scanned_bytes"] >= 4 * MiB
+    vol_id = js(cli("volume", "show", "vol0", "--json"))["id"]
+    chunk = os.path.join(data_dir, "volumes", str(vol_id), "0000000000000000.chunk")
+    fd = os.open(chunk, os.O_RDWR)
+    try:
+        byte = os.pread(fd, 1, 12345)
+        os.pwrite(fd, bytes([byte[0] ^ 0x10]), 12345)
+    finally:
+        os.close(fd)
+    proc = cli("scrub", "vol0", "--json")
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["corrupt_offsets"] == [12345 // 4096 * 4096]
+    h.shutdown()
+
+
+def test_prime_day_plan_provisioned_while_serving_last_volume_attaches(server, data_dir, cli):
+    out = js(cli("provision", PRIME_DAY, "--json"))
+    assert out["volumes_created"] == 15424
+    last = js(cli("volume", "list", "--json"))[-2]  # sorted by name: vol0 is last
+    assert last["name"] == "prime-15423" and last["size"] == 16 << 40
+    h = server.connect("prime-15423")
+    assert h.get_size() == 16 << 40
+    payload = os.urandom(64 * 1024)
+    h.pwrite(payload, (16 << 40) - len(payload))  # the very end of the volume
+    h.flush()
+    assert h.pread(len(payload), (16 << 40) - len(payload)) == payload
+    h.shutdown()
+    cap = js(cli("capacity", "show", "--json"))
+    assert cap["logical_provisioned"] == 241 * (1 << 50) + 64 * MiB  # plus vol0
+    assert cap["volumes"] == 15425
+
+
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        (b"not json\n", "not JSON"),
+        (b"[1, 2]\n", "JSON object"),
+        (b'{"op": "format-disk"}\n', "unknown control operation"),
+        (b'{"op": "delete", "name": 7}\n', "name must be a string"),
+        (b'{"op": "delete", "name": "BAD NAME"}\n', "invalid volume name"),
+        (b'{"op": "resize", "name": "vol0", "size": "big"}\n', "size must be an integer"),
+        (b'{"op": "resize", "name": "vol0", "size": 4097}\n', "multiple of 4096"),
+        (b'{"op": "delete", "name": "vol0", "force": "yes"}\n', "force must be"),
+        (b"\xff\xfe\n", "not JSON"),
+        (b"{" + b" " * (70 * 1024), "longer than"),
+    ],
+)
+def test_malformed_control_requests_get_one_error_and_change_nothing(server, data_dir, cli, raw, needle):
+    before = js(cli("volume", "list", "--json"))
+    replies = control_request(data_dir, raw)
+    assert len(replies) == 1 and replies[0]["ok"] is False and needle in replies[0]["error"], replies
+    assert js(cli("volume", "list", "--json")) == before
+    assert control_request(data_dir, b'{"op": "ping"}\n')[0]["result"]["pid"] == server.proc.pid
+    assert server.proc.poll() is None
+
+
+def test_after_kill9_live_commands_work_offline(server, data_dir, cli):
+    h = server.connect("vol0")
+    h.pwrite(b"k" * 4096, 0)
+    h.flush()
+    server.kill9()
+    assert os.path.exists(os.path.join(data_dir, "control.sock"))  # stale: nobody listens
+    out = js(cli("volume", "resize", "vol0", "--size", "96MiB", "--json"))
+    assert out["online"] is False and out["size"] == 96 * MiB
+    scrubbed = js(cli("scrub", "vol0", "--json"))
+    assert scrubbed["clean"] and not scrubbed["online"]
+    out = js(cli("volume", "delete", "vol0", "--json"))
+    assert out["online"] is False
+    assert os.listdir(os.path.join(data_dir, "volumes")) == []
+
+
+def test_restart_replaces_a_stale_control_socket(server, data_dir, cli):
+    server.kill9()
+    server.start()
+    assert control_request(data_dir, b'{"op": "ping"}\n')[0]["result"]["pid"] == server.proc.pid
+    assert js(cli("volume", "show", "vol0", "--json"))["server"] is True
+
+
+def test_volumes_created_while_serving_are_attachable_and_deletable(server, cli):
+    cli("volume", "create", "late", "--size", "8MiB", check=True)
+    h = server.connect("late")
+    h.pwrite(b"L" * 4096, 0)
+    assert h.pread(4096, 0) == b"L" * 4096
+    h.shutdown()
+    wait_for(lambda: js(cli("volume", "show", "late", "--json"))["connections"] == 0, what="detach")
+    assert js(cli("volume", "delete", "late", "--json"))["online"] is True
+    assert [v["name"] for v in js(cli("volume", "list", "--json"))] == ["vol0"]
+
+
+def test_live_commands_on_unknown_volumes_are_refused(server, cli):
+    for argv in (["volume", "delete", "nope"], ["volume", "resize", "nope", "--size", "1G"], ["scrub", "nope"]):
+        one_line_error(cli(*argv), 1, "nope")
+    assert run_cli("volume", "list", "--json", data_dir=server.data_dir).returncode == 0
