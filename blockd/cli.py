@@ -493,6 +493,17 @@ def _print_provision(s):
     print("\n".join(lines))
 
 
+def _bar_shape():
+    """tqdm measures the terminal, except one reporting 0x0 (some ptys): then 80x24, not an invisible bar."""
+    try:
+        size = os.get_terminal_size(2)
+        if size.columns and size.lines:
+            return {}
+    except OSError:
+        pass
+    return {"ncols": 80, "nrows": 24}
+
+
 class _ProvisionProgress:
     """Progress bars on a terminal: checking the plan, then creating volumes."""
 
@@ -508,7 +519,9 @@ class _ProvisionProgress:
         if phase != self.phase:
             self.close()
             self.phase = phase
-            self.bar = self._tqdm(total=total or self.total, unit="vol", unit_scale=True, desc=phase, leave=False)
+            self.bar = self._tqdm(
+                total=total or self.total, unit="vol", unit_scale=True, desc=phase, leave=False, **_bar_shape()
+            )
         self.bar.update(count)
 
     def close(self):
@@ -587,7 +600,7 @@ def _bytes_bar(total, name):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"scrub {name}")
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"scrub {name}", **_bar_shape())
 
 
 def main(argv=None):

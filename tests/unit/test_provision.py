@@ -391,3 +391,43 @@ def test_a_name_repeated_across_batches_is_refused_and_nothing_is_created(tmp_pa
     report = cat.provision(iter(rows[:1]))
     assert report["volumes_created"] == 2 and cat.count_volumes() == 2
     cat.close()
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path):
+    """stderr on a pty gets tqdm bars; piped stderr stays clean for scripts."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    d = tmp_path / "data"
+    p = write_plan(tmp_path, '[[volumes]]\nname = "t-{index:06d}"\ncount = 30000\nsize = "1GiB"\n')
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's width
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "blockd.cli", "--data-dir", str(d), "provision", str(p)],
+            stdout=subprocess.PIPE, stderr=secondary, text=True, cwd=ROOT, timeout=120,
+        )
+        os.close(secondary)
+        secondary = None
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the pty's other side is closed
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        if secondary is not None:
+            os.close(secondary)
+        os.close(primary)
+    assert proc.returncode == 0 and "volumes created: 30000" in proc.stdout
+    assert b"checking" in drawn and b"creating" in drawn and b"/30.0k" in drawn, drawn[-500:]
+    piped = subprocess.run(
+        [sys.executable, "-m", "blockd.cli", "--data-dir", str(d), "provision", str(p)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert piped.returncode == 0 and piped.stderr == ""
