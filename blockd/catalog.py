@@ -10,11 +10,12 @@ import sqlite3
 import threading
 import time
 
+from . import voltypes
 from .errors import BadInput, BlockdError, NotFound, Refused
 from .geometry import DEFAULT_CHUNK_SIZE
 from .sizes import check_name, check_volume_size, format_size
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DEFAULT_POOL = "default"
 MAX_LOGICAL_LIMIT = 2**63 - 1  # SQLite integers are signed 64-bit
 BUSY_TIMEOUT_SECONDS = 30  # a CLI waiting on a long provisioning transaction
@@ -29,7 +30,8 @@ CREATE TABLE IF NOT EXISTS pools (
     name          TEXT NOT NULL UNIQUE,
     chunk_size    INTEGER NOT NULL,
     logical_limit INTEGER,           -- NULL: no limit set (unlimited)
-    provisioned   INTEGER NOT NULL DEFAULT 0  -- sum of its volumes' sizes, kept in the same transactions
+    provisioned   INTEGER NOT NULL DEFAULT 0,  -- sum of its volumes' sizes, kept in the same transactions
+    modify_cooldown REAL NOT NULL DEFAULT 21600   -- seconds between modifications of a volume (EBS: 6 h)
 );
 CREATE TABLE IF NOT EXISTS volumes (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -41,7 +43,13 @@ CREATE TABLE IF NOT EXISTS volumes (
     epoch      INTEGER NOT NULL DEFAULT 1,
     created_at REAL NOT NULL,
     iops       INTEGER,                -- provisioned IOPS (NULL: the type's default)
-    throughput INTEGER                 -- provisioned MiB/s (NULL: the type's default)
+    throughput INTEGER,                -- provisioned MiB/s (NULL: the type's default)
+    credits    REAL,                   -- burst credit balance (gp2: I/Os, st1/sc1: bytes) at credits_at
+    credits_at REAL,                   -- wall time (NULL credits: a full bucket)
+    mod_started_at    REAL,            -- last Elastic Volumes modification: modifying from here,
+    mod_optimizing_at REAL,            --   optimizing (new limits apply) from here,
+    mod_completed_at  REAL,            --   completed from here
+    mod_from          TEXT             -- JSON: type, size, iops, throughput before it
 );
 """
 
@@ -53,12 +61,27 @@ MIGRATIONS = {
         "ALTER TABLE volumes ADD COLUMN iops INTEGER",
         "ALTER TABLE volumes ADD COLUMN throughput INTEGER",
     ],
+    2: [
+        "ALTER TABLE pools ADD COLUMN modify_cooldown REAL NOT NULL DEFAULT 21600",
+        "ALTER TABLE volumes ADD COLUMN credits REAL",
+        "ALTER TABLE volumes ADD COLUMN credits_at REAL",
+        "ALTER TABLE volumes ADD COLUMN mod_started_at REAL",
+        "ALTER TABLE volumes ADD COLUMN mod_optimizing_at REAL",
+        "ALTER TABLE volumes ADD COLUMN mod_completed_at REAL",
+        "ALTER TABLE volumes ADD COLUMN mod_from TEXT",
+    ],
 }
 
-VOLUME_TYPES = ("raw",)  # the EBS types arrive with QoS
 PROVISION_BATCH = 10_000  # rows per statement while provisioning a plan (progress granularity)
 MAX_IOPS = 10_000_000
 MAX_THROUGHPUT = 1_000_000  # MiB/s
+
+
+def _ago(seconds):
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
 class _RollBack(Exception):
@@ -66,8 +89,8 @@ class _RollBack(Exception):
 
 
 def check_type(type_):
-    if type_ not in VOLUME_TYPES:
-        raise BadInput(f"invalid volume type {type_!r}: known types are {', '.join(VOLUME_TYPES)}")
+    if type_ not in voltypes.VOLUME_TYPES:
+        raise BadInput(f"invalid volume type {type_!r}: known types are {', '.join(voltypes.VOLUME_TYPES)}")
     return type_
 
 
@@ -269,20 +292,23 @@ class Catalog:
         )
 
     # ---- volumes -----------------------------------------------------------
-    def create_volume(self, name, size, type_="raw", iops=None, throughput=None):
+    def create_volume(self, name, size, type_="raw", iops=None, throughput=None, credits=None):
+        """One row.  ``credits``: the initial burst balance (None: a full bucket)."""
         check_name(name)
         check_volume_size(size)
         check_type(type_)
         check_qos(iops, throughput)
+        voltypes.check(type_, size, iops, throughput)
+        now = time.time()
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM volumes WHERE name=?", (name,)).fetchone():
                 raise Refused(f"volume {name} already exists")
             pool = db.execute("SELECT * FROM pools WHERE name=?", (DEFAULT_POOL,)).fetchone()
             self._reserve(db, pool, size, f"creating {name} ({format_size(size)})")
             db.execute(
-                "INSERT INTO volumes (name, pool_id, size, type, created_at, iops, throughput) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (name, pool["id"], size, type_, time.time(), iops, throughput),
+                "INSERT INTO volumes (name, pool_id, size, type, created_at, iops, throughput, credits, credits_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, pool["id"], size, type_, now, iops, throughput, credits, now if credits is not None else None),
             )
             db.execute("UPDATE pools SET provisioned = provisioned + ? WHERE id=?", (size, pool["id"]))
         return self.volume(name)
@@ -321,9 +347,10 @@ class Catalog:
         """Grow only: a block device that shrinks under a filesystem loses data."""
         check_volume_size(size)
         with self.transaction() as db:
-            row = db.execute("SELECT id, size, pool_id FROM volumes WHERE name=?", (name,)).fetchone()
+            row = db.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
             if not row:
                 raise NotFound(f"unknown volume {name!r}")
+            voltypes.check(row["type"], size, row["iops"], row["throughput"])
             if size < row["size"]:
                 raise Refused(
                     f"volume {name}: shrinking from {format_size(row['size'])} to {format_size(size)} is refused "
@@ -340,6 +367,81 @@ class Catalog:
 
     def count_volumes(self):
         return self._query("SELECT COUNT(*) FROM volumes")[0][0]
+
+    def set_credits(self, name, credits, at=None):
+        """Record a burst balance (as of wall time ``at``); the server persists its live one the same way."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE volumes SET credits=?, credits_at=? WHERE name=?",
+                (float(credits), at if at is not None else time.time(), name),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"unknown volume {name!r}")
+
+    def set_modify_cooldown(self, seconds, name=DEFAULT_POOL):
+        if not 0 <= seconds <= 10 * 365 * 86400:
+            raise BadInput(f"invalid cooldown {seconds}: 0 to 10 years")
+        with self.transaction() as db:
+            db.execute("UPDATE pools SET modify_cooldown=? WHERE name=?", (float(seconds), name))
+
+    def modify_volume(self, name, type_=None, size=None, iops=None, throughput=None, now=None, reset=()):
+        """Elastic Volumes: change type, size, IOPS or throughput of a volume in place.
+
+        Refused while a previous modification is modifying or optimizing, or
+        within the pool's cooldown of its start.  Size only grows.  ``reset``
+        names fields ("iops", "throughput") that go back to the type's
+        default (a type change to one where they cannot be provisioned).
+        Returns the updated row.  The new limits apply from
+        ``mod_optimizing_at``; the burst balance is kept.
+        """
+        import json
+
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
+            if not row:
+                raise NotFound(f"unknown volume {name!r}")
+            pool = db.execute("SELECT * FROM pools WHERE id=?", (row["pool_id"],)).fetchone()
+            state = voltypes.modification_state(row, now)
+            if state in ("modifying", "optimizing"):
+                raise Refused(f"volume {name}: the previous modification is still {state}; wait until it completes")
+            if row["mod_started_at"] is not None and now < row["mod_started_at"] + pool["modify_cooldown"]:
+                left = row["mod_started_at"] + pool["modify_cooldown"] - now
+                raise Refused(
+                    f"volume {name}: modified {_ago(now - row['mod_started_at'])} ago; the next modification is "
+                    f"allowed in {_ago(left)} (pool cooldown {_ago(pool['modify_cooldown'])}; "
+                    "`blockd pool set --modify-cooldown` for rehearsals)"
+                )
+            new_type = type_ if type_ is not None else row["type"]
+            new_size = size if size is not None else row["size"]
+            new_iops = iops if iops is not None else (None if "iops" in reset else row["iops"])
+            new_tput = throughput if throughput is not None else (None if "throughput" in reset else row["throughput"])
+            check_type(new_type)
+            check_volume_size(new_size)
+            check_qos(new_iops, new_tput)
+            if new_size < row["size"]:
+                raise Refused(
+                    f"volume {name}: shrinking from {format_size(row['size'])} to {format_size(new_size)} is refused "
+                    "(grow only)"
+                )
+            voltypes.check(new_type, new_size, new_iops, new_tput)
+            if (new_type, new_size, new_iops, new_tput) == (row["type"], row["size"], row["iops"], row["throughput"]):
+                raise BadInput(f"volume {name}: nothing to modify (type, size, iops and throughput are unchanged)")
+            self._reserve(db, pool, new_size - row["size"], f"growing {name} to {format_size(new_size)}")
+            optimizing_at = now + voltypes.MODIFYING_SECONDS
+            completed_at = optimizing_at + voltypes.optimizing_seconds(new_size)
+            before = json.dumps(
+                {"type": row["type"], "size": row["size"], "iops": row["iops"], "throughput": row["throughput"]}
+            )
+            db.execute(
+                "UPDATE volumes SET type=?, size=?, iops=?, throughput=?, mod_started_at=?, mod_optimizing_at=?, "
+                "mod_completed_at=?, mod_from=? WHERE id=?",
+                (new_type, new_size, new_iops, new_tput, now, optimizing_at, completed_at, before, row["id"]),
+            )
+            db.execute(
+                "UPDATE pools SET provisioned = provisioned + ? WHERE id=?", (new_size - row["size"], pool["id"])
+            )
+        return self.volume(name)
 
     def delete_volume(self, name):
         """Remove the row (its capacity returns to the pool); returns the volume id."""

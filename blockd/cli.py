@@ -16,8 +16,9 @@ import json
 import os
 import sqlite3
 import sys
+import time
 
-from . import control
+from . import control, voltypes
 from .catalog import Catalog, check_type
 from .datadir import DataDir, default_data_dir
 from .errors import BadInput, BlockdError, NotFound, Refused
@@ -59,9 +60,10 @@ def build_parser():
     _add_data_dir(p)
     p.add_argument("name")
     p.add_argument("--size", required=True, help="e.g. 8GiB, 16T, 500GB, 1073741824")
-    p.add_argument("--type", default="raw", help="volume type (default raw: no QoS)")
-    p.add_argument("--iops", type=_positive_int, help="provisioned IOPS")
-    p.add_argument("--throughput", type=_positive_int, metavar="MiB/s", help="provisioned throughput in MiB/s")
+    p.add_argument("--type", default="raw", help="raw (default: unthrottled), gp3, gp2, io2, io1, st1 or sc1")
+    p.add_argument("--iops", type=_positive_int, help="provisioned IOPS (gp3, io1, io2; a cap for raw)")
+    p.add_argument("--throughput", type=_positive_int, metavar="MiB/s", help="provisioned MiB/s (gp3; a cap for raw)")
+    p.add_argument("--initial-credits", metavar="N|P%", help="start gp2/st1/sc1 with this burst balance (default full)")
     p.add_argument("--exist-ok", action="store_true", help="succeed if a volume of this name, size and type exists")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_volume_create)
@@ -92,6 +94,38 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="delete even while attached: its connections get EIO")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_volume_delete)
+
+    p = vsub.add_parser("modify", help="Elastic Volumes: change type, size, IOPS or throughput in place")
+    _add_data_dir(p)
+    p.add_argument("name")
+    p.add_argument("--type", help="new type")
+    p.add_argument("--size", help="new size (grow only)")
+    p.add_argument("--iops", type=_positive_int, help="new provisioned IOPS")
+    p.add_argument("--throughput", type=_positive_int, metavar="MiB/s", help="new provisioned MiB/s")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_volume_modify)
+
+    p = vsub.add_parser("set-credits", help="set a gp2/st1/sc1 volume's burst balance (rehearsals)")
+    _add_data_dir(p)
+    p.add_argument("name")
+    p.add_argument("credits", metavar="N|P%", help="I/O credits (gp2), bytes (st1/sc1), or a percentage")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_volume_set_credits)
+
+    pool = sub.add_parser("pool", help="pool settings (modification cooldown)")
+    _add_data_dir(pool)
+    psub = pool.add_subparsers(dest="pool_command", metavar="ACTION")
+    psub.required = True
+    p = psub.add_parser("show", help="pool settings")
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pool_show)
+    p = psub.add_parser("set", help="change pool settings")
+    _add_data_dir(p)
+    p.add_argument("--modify-cooldown", metavar="DURATION", required=True,
+                   help="time between modifications of a volume, e.g. 6h (default), 10m, 30s, 0")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pool_set)
 
     cap = sub.add_parser("capacity", help="the pool's logical limit, provisioned and physical capacity")
     _add_data_dir(cap)
@@ -183,7 +217,11 @@ def cmd_volume_create(args):
                 )
             row = existing
         else:
-            row = catalog.create_volume(args.name, size, args.type, args.iops, args.throughput)
+            credits = None
+            if args.initial_credits is not None:
+                voltypes.check(args.type, size, args.iops, args.throughput)
+                credits = voltypes.parse_credits(args.initial_credits, args.type, size)
+            row = catalog.create_volume(args.name, size, args.type, args.iops, args.throughput, credits)
     finally:
         catalog.close()
     if args.json:
@@ -240,6 +278,7 @@ def cmd_volume_show(args):
     info["chunk_size"] = row["chunk_size"]
     info["allocated_bytes"] = datadir.allocated_bytes(row["id"])
     connections = 0
+    live = None
     try:
         sock = control.connect(datadir.path)
     except control.NoServer:
@@ -247,13 +286,61 @@ def cmd_volume_show(args):
     else:
         info["server"] = True
         connections = control.call(sock, "attached", name=args.name)["connections"]
+        live = control.call(control.connect(datadir.path), "qos", name=args.name)
     info["attached"] = connections > 0
     info["connections"] = connections
+    info.update(_qos_info(row, live))
     if args.json:
         _print(info)
     else:
-        for key, value in info.items():
-            print(f"{key}: {value}")
+        _print_show(info)
+
+
+def _qos_info(row, live):
+    """Limits, burst balance and modification: from the server when it answers, else from the catalog."""
+    if live is not None:
+        out = {
+            "limits": live["limits"],
+            "burst_balance": live["burst_balance"],
+            "credits": live["credits"],
+            "modification": live["modification"],
+        }
+        if "stats" in live:
+            out["qos_stats"] = live["stats"]
+        return out
+    now = time.time()
+    restored = voltypes.restored_credits(row, now)
+    return {
+        "limits": voltypes.limits(*voltypes.effective(row, now)),
+        "burst_balance": 100.0 * restored[0] / restored[1] if restored else 100.0,
+        "credits": restored[0] if restored else None,
+        "modification": voltypes.modification(row, now),
+    }
+
+
+def _print_show(info):
+    lim = info["limits"]
+    for key in ("name", "id", "size", "type", "iops", "throughput", "role", "epoch", "created_at", "chunk_size",
+                "allocated_bytes", "server", "attached", "connections"):
+        print(f"{key}: {info[key]}")
+    if lim["iops"] is None and lim["throughput_mibps"] is None:
+        print("limits: none (raw, unthrottled)")
+    else:
+        iops = f"{lim['iops']} IOPS" if lim["iops"] is not None else "unlimited IOPS"
+        mibps = f"{lim['throughput_mibps']:g} MiB/s" if lim["throughput_mibps"] is not None else "unlimited MiB/s"
+        print(f"limits: {iops}, {mibps}")
+        if lim["credits_max"]:
+            print(f"baseline: {lim['baseline_iops']} IOPS, {lim['baseline_throughput_mibps']:g} MiB/s")
+    unit = {"ops": " I/O credits", "bytes": " bytes"}.get(lim["credit_unit"], "")
+    credits = f" ({info['credits']:.0f} of {lim['credits_max']}{unit})" if info["credits"] is not None else ""
+    print(f"burst_balance: {info['burst_balance']:.1f}%{credits}")
+    mod = info["modification"]
+    if mod:
+        print(f"modification: {mod['state']} ({mod['progress']}%), from {mod['original']}")
+    stats = info.get("qos_stats")
+    if stats:
+        print(f"qos: {stats['requests']} requests, {stats['throttled']} throttled "
+              f"({stats['throttled_seconds']:.1f} s waiting)")
 
 
 def _live(datadir, name):
@@ -307,6 +394,135 @@ def cmd_volume_delete(args):
         print(f"deleted {args.name} (forced: {cut} connection{'s' if cut != 1 else ''} now get EIO)")
     else:
         print(f"deleted {args.name}")
+
+
+def cmd_volume_modify(args):
+    check_name(args.name)
+    changes = {}
+    if args.type is not None:
+        changes["type"] = check_type(args.type)
+    if args.size is not None:
+        changes["size"] = parse_volume_size(args.size)
+    if args.iops is not None:
+        changes["iops"] = args.iops
+    if args.throughput is not None:
+        changes["throughput"] = args.throughput
+    if not changes:
+        raise BadInput("volume modify needs at least one of --type, --size, --iops, --throughput")
+    datadir = _datadir(args)
+    row = _find(datadir, args.name)
+    # A new type where the old figures cannot be provisioned falls back to its defaults.
+    new_type = changes.get("type", row["type"])
+    reset = []
+    if new_type != row["type"]:
+        spec = voltypes.TYPES.get(new_type, {})
+        if "iops" not in changes and row["iops"] is not None and not spec.get("iops_provisionable", True):
+            reset.append("iops")
+        if "throughput" not in changes and row["throughput"] is not None and not spec.get("throughput_provisionable",
+                                                                                            True):
+            reset.append("throughput")
+    mode, handle = _live(datadir, args.name)
+    if mode == "online":
+        control.call(handle, "modify", name=args.name, reset=reset, **changes)
+    else:
+        try:
+            catalog = datadir.catalog(create=False)
+            try:
+                catalog.modify_volume(args.name, reset=tuple(reset), **_kw(changes))
+            finally:
+                catalog.close()
+        finally:
+            datadir.unlock()
+    row = _find(datadir, args.name)
+    info = _volume_json(row)
+    info["modification"] = voltypes.modification(row, time.time())
+    info["limits"] = voltypes.limits(row["type"], row["size"], row["iops"], row["throughput"])
+    if args.json:
+        _print(info)
+    else:
+        lim = info["limits"]
+        print(f"{row['name']}: modifying to {format_size(row['size'])} {row['type']}{_qos_text(row)} "
+              f"(limits {lim['iops'] or 'unlimited'} IOPS, {lim['throughput_mibps'] or 'unlimited'} MiB/s "
+              "from the optimizing phase)")
+
+
+def _kw(changes):
+    """JSON/CLI field names to Python keyword names (``type`` is ``type_``)."""
+    return {("type_" if k == "type" else k): v for k, v in changes.items()}
+
+
+def cmd_volume_set_credits(args):
+    datadir = _datadir(args)
+    row = _find(datadir, args.name)
+    wall = time.time()
+    credits = voltypes.parse_credits(args.credits, *voltypes.effective(row, wall)[:2])
+    mode, handle = _live(datadir, args.name)
+    if mode == "online":
+        live = control.call(handle, "set-credits", name=args.name, credits=credits)
+        balance = live["burst_balance"]
+    else:
+        try:
+            catalog = datadir.catalog(create=False)
+            try:
+                catalog.set_credits(args.name, credits, wall)
+            finally:
+                catalog.close()
+        finally:
+            datadir.unlock()
+        depth = voltypes.restored_credits(row, wall)[1]
+        balance = 100.0 * credits / depth
+    if args.json:
+        _print({"name": args.name, "credits": credits, "burst_balance": balance, "online": mode == "online"})
+    else:
+        print(f"{args.name}: burst balance {balance:.1f}% ({credits:.0f} credits)")
+
+
+def _parse_duration(text):
+    import re
+
+    t = text.strip().lower()
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", t):
+        return float(t)
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)\s*(d|h|m|s)", t)
+    if not parts or re.sub(r"([0-9]+(?:\.[0-9]+)?)\s*(d|h|m|s)", "", t).strip():
+        raise BadInput(f"invalid duration {text!r}: use e.g. 6h, 10m, 30s, 1h30m or seconds")
+    scale = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def _pool_json(pool):
+    return {"pool": pool["name"], "chunk_size": pool["chunk_size"], "modify_cooldown_seconds": pool["modify_cooldown"]}
+
+
+def cmd_pool_show(args):
+    datadir = _datadir(args)
+    if datadir.exists():
+        catalog = datadir.catalog(create=False, readonly=True)
+        try:
+            info = _pool_json(catalog.pool())
+        finally:
+            catalog.close()
+    else:
+        info = {"pool": "default", "chunk_size": None, "modify_cooldown_seconds": voltypes.MODIFY_COOLDOWN_SECONDS}
+    if args.json:
+        _print(info)
+    else:
+        for key, value in info.items():
+            print(f"{key}: {value}")
+
+
+def cmd_pool_set(args):
+    seconds = _parse_duration(args.modify_cooldown)
+    catalog = _datadir(args).catalog()
+    try:
+        catalog.set_modify_cooldown(seconds)
+        info = _pool_json(catalog.pool())
+    finally:
+        catalog.close()
+    if args.json:
+        _print(info)
+    else:
+        print(f"pool {info['pool']}: modify cooldown {seconds:g} s")
 
 
 # ---- capacity ----------------------------------------------------------------------

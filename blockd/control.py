@@ -12,7 +12,8 @@ final line::
 
 Owns the wire format, the listener thread and the client.  It never imports
 the engine: the server hands it an object with the engine's control methods
-(``connections``, ``attached``, ``resize``, ``delete``, ``scrub``), so the CLI
+(``connections``, ``attached``, ``resize``, ``delete``, ``scrub``, ``qos``,
+``set_credits``, ``modify``), so the CLI
 can import this module without loading numba.  A malformed request gets one
 error line back and the listener keeps serving.
 """
@@ -196,7 +197,45 @@ class ControlServer:
         return {"name": name, "scanned_bytes": done[0], "corrupt_offsets": bad}
 
 
+    def _op_qos(self, request, emit):
+        name = _name(request)
+        out = self.engine.qos(name)
+        if not request.get("trace"):
+            out.pop("trace", None)
+        return out
+
+    def _op_set_credits(self, request, emit):
+        name = _name(request)
+        credits = request.get("credits")
+        if isinstance(credits, bool) or not isinstance(credits, (int, float)) or credits < 0:
+            raise BadInput("invalid request: credits must be a non-negative number")
+        self.engine.set_credits(name, float(credits))
+        return self.engine.qos(name)
+
+    def _op_modify(self, request, emit):
+        name = _name(request)
+        changes = {}
+        for key in ("type", "size", "iops", "throughput"):
+            value = request.get(key)
+            if value is None:
+                continue
+            if key == "type":
+                if not isinstance(value, str):
+                    raise BadInput("invalid request: type must be a string")
+            elif isinstance(value, bool) or not isinstance(value, int):
+                raise BadInput(f"invalid request: {key} must be an integer")
+            changes["type_" if key == "type" else key] = value
+        reset = request.get("reset", [])
+        if not isinstance(reset, list) or not set(reset) <= {"iops", "throughput"}:
+            raise BadInput("invalid request: reset must list iops and/or throughput")
+        row = self.engine.modify(name, reset=tuple(reset), **changes)
+        return {"name": name, "id": row["id"]}
+
+
 _OPS = {
+    "qos": ControlServer._op_qos,
+    "set-credits": ControlServer._op_set_credits,
+    "modify": ControlServer._op_modify,
     "ping": ControlServer._op_ping,
     "attached": ControlServer._op_attached,
     "resize": ControlServer._op_resize,

@@ -10,8 +10,11 @@ connection goes.  It never speaks NBD and never parses configuration.
 
 import os
 import threading
+import time
 
+from . import voltypes
 from .errors import Busy, NotFound
+from .qos import Admission
 from .fileio import OsFiles
 from .sizes import check_name
 from .store import ChunkStore
@@ -30,8 +33,10 @@ class _Open:
 
 
 class Engine:
-    def __init__(self, datadir, files=None, events=None):
+    def __init__(self, datadir, files=None, events=None, clock=time.monotonic, qos_trace=0):
         self.datadir = datadir
+        self.clock = clock
+        self.qos_trace = qos_trace  # tests: keep the last N admissions per volume
         self.files = files or OsFiles()
         self.events = events
         self.catalog = datadir.catalog()
@@ -77,6 +82,7 @@ class Engine:
                 store.close()
                 raise
             volume = Volume(row["name"], row["id"], again["size"], store, events=self.events)
+            volume.qos = self._admission(again)
             return _Open(volume, lock_fd)
         except BaseException:
             os.close(lock_fd)
@@ -95,12 +101,98 @@ class Engine:
             del self._open[volume.volume_id]
             self._closing.add(volume.volume_id)
         try:
+            try:
+                self._persist_credits(entry.volume)
+            except Exception:
+                pass  # the balance is best effort; the data is not
             entry.volume.close()
         finally:
             os.close(entry.lock_fd)
             with self._lock:
                 self._closing.discard(volume.volume_id)
                 self._closed.notify_all()
+
+    # ---- QoS ---------------------------------------------------------------------
+    def _admission(self, row, current=None):
+        """The volume's Admission (None if nothing throttles it), credits restored from the catalog.
+
+        Credits accrue while the volume is closed (at its baseline rate, up
+        to the bucket), as they would while idle: a restart never refills
+        more than the time it took.  A modification still "modifying" gets
+        its new limits scheduled for when "optimizing" begins.
+        """
+        wall = time.time()
+        mono = self.clock()
+        now_profile = voltypes.profile(*voltypes.effective(row, wall))
+        target = voltypes.profile(row["type"], row["size"], row["iops"], row["throughput"])
+        pending = voltypes.modification_state(row, wall) == "modifying"
+        if now_profile.unlimited and target.unlimited:
+            return None
+        restored = voltypes.restored_credits(row, wall)
+        credits = restored[0] if restored else None
+        adm = current or Admission(now_profile, clock=self.clock, credits=credits, trace=self.qos_trace)
+        if pending:
+            adm.schedule(target, mono + (row["mod_optimizing_at"] - wall))
+        return adm
+
+    def _persist_credits(self, volume):
+        level = volume.qos.credit_level() if volume.qos is not None else None
+        if level is not None:
+            self.catalog.set_credits(volume.name, level[0], time.time())
+
+    def persist_qos(self):
+        """Write every open volume's burst balance to the catalog (a crash loses at most one period)."""
+        for volume in self.open_volumes():
+            try:
+                self._persist_credits(volume)
+            except Exception:
+                continue  # deleted meanwhile, or the catalog is busy: next period
+
+    def qos(self, name):
+        """Limits, burst balance and counters of a volume (live if attached, else from the catalog)."""
+        row = self.catalog.volume(name)
+        with self._lock:
+            entry = self._open.get(row["id"])
+        wall = time.time()
+        out = {
+            "limits": voltypes.limits(*voltypes.effective(row, wall)),
+            "modification": voltypes.modification(row, wall),
+            "attached": entry is not None,
+        }
+        adm = entry.volume.qos if entry is not None else None
+        if adm is None:
+            adm = self._admission(row)  # what it would be: credits as restored now
+            if adm is not None:
+                out.update({k: v for k, v in adm.snapshot().items() if k in ("burst_balance", "credits")})
+            else:
+                out.update(burst_balance=100.0, credits=None)
+        else:
+            out.update(adm.snapshot())
+        return out
+
+    def set_credits(self, name, tokens):
+        row = self.catalog.volume(name)
+        with self._lock:
+            entry = self._open.get(row["id"])
+        if entry is not None and entry.volume.qos is not None and entry.volume.qos.set_credits(tokens):
+            self._persist_credits(entry.volume)
+        else:
+            self.catalog.set_credits(name, tokens, time.time())
+
+    def modify(self, name, **changes):
+        """Elastic Volumes through the live engine: catalog first, then the open volume's size and limits."""
+        with self._lock:
+            row = self.catalog.modify_volume(name, **changes)
+            entry = self._open.get(row["id"])
+            if entry is not None:
+                volume = entry.volume
+                if row["size"] > volume.size:
+                    volume.size = row["size"]
+                if volume.qos is None:
+                    volume.qos = self._admission(row)
+                else:
+                    self._admission(row, current=volume.qos)
+        return row
 
     def _release_retired(self, volume):
         """Called with the engine lock held: the last connection of a deleted volume cleans up."""
@@ -207,6 +299,10 @@ class Engine:
         failed = []
         for entry in entries:  # every volume gets its flush even if one fails
             try:
+                try:
+                    self._persist_credits(entry.volume)
+                except Exception:
+                    pass
                 entry.volume.close()
             except Exception:
                 failed.append(entry.volume.name)

@@ -26,6 +26,7 @@ from .volume import wrap_unexpected
 
 BLOCK_SIZES = (1, 4096, 32 * 1024 * 1024)  # min 1 (we read-modify-write), preferred one block, max NBD's usual 32M
 
+QOS_PERSIST_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 0.2  # let in-flight replies go out before the final flush
 _KEYS = {"data_dir", "lock_fd"}
 _shutdown_lock = threading.Lock()
@@ -68,16 +69,26 @@ def get_ready():
         datadir.adopt_lock(int(_config["lock_fd"]))
     else:
         datadir.lock()
-    _engine = Engine(datadir)
+    _engine = Engine(datadir, qos_trace=int(os.environ.get("BLOCKD_QOS_TRACE", "0") or 0))
 
 
 def after_fork():
     """Threads (control, replication, metrics) start here, never before nbdkit forks."""
     global _control
     _control = ControlServer(_engine.datadir.path, _engine).start()
+    threading.Thread(target=_persist_qos_loop, name="blockd-qos-persist", daemon=True).start()
     quit_fd = find_quit_pipe()
     if quit_fd is not None:
         threading.Thread(target=_watch_quit, args=(quit_fd,), name="blockd-quit", daemon=True).start()
+
+
+def _persist_qos_loop():
+    """Burst balances to the catalog every few seconds: a crash or restart never refills credits."""
+    while True:
+        time.sleep(QOS_PERSIST_SECONDS)
+        engine = _engine
+        if engine is not None:
+            engine.persist_qos()
 
 
 def find_quit_pipe():
@@ -130,6 +141,7 @@ def _watch_quit(fd):
         time.sleep(SHUTDOWN_GRACE_SECONDS)
         if _control is not None:
             _control.close()
+        _engine.persist_qos()
         failed = _engine.flush_all()
         if failed:
             sys.stderr.write(f"blockd: terminated: flush FAILED for {', '.join(failed)}; exiting\n")

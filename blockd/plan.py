@@ -21,6 +21,7 @@ the file.
 import string
 import tomllib
 
+from . import voltypes
 from .catalog import PROVISION_BATCH, check_qos, check_type
 from .errors import BadInput
 from .sizes import NAME_RE, check_volume_size, parse_size
@@ -174,6 +175,7 @@ def _group(number, g, path):
             raise BadInput(f"invalid volume type {type_!r}")
         check_type(type_)
         check_qos(g.get("iops"), g.get("throughput"))
+        voltypes.check(type_, size, g.get("iops"), g.get("throughput"))
     except BadInput as exc:
         raise BadInput(f"invalid plan {path}: {where}: {exc}") from None
     _check_pattern(pattern, count, path, where)

@@ -50,6 +50,7 @@ class Volume:
         self._locks = RangeLock()
         self.checksum_errors = 0
         self.gone = None  # reason, once the volume was deleted under its connections (delete --force)
+        self.qos = None  # qos.Admission when the volume's type or caps throttle it
 
     # ---- helpers -----------------------------------------------------------
     def _check_range(self, offset, length):
@@ -71,6 +72,9 @@ class Volume:
         self._check_range(offset, length)
         if length == 0:
             return
+        qos = self.qos
+        if qos is not None:
+            qos.admit(offset, length)  # may sleep (GIL released): only this request waits
         # Fast path, no locks: an aligned small read inside one open chunk,
         # served from the page cache and verified in one kernel call.  A
         # concurrent writer or a closed descriptor can only make it fail
@@ -143,6 +147,9 @@ class Volume:
         self._check_range(offset, length)
         if length == 0:
             return
+        qos = self.qos
+        if qos is not None:
+            qos.admit(offset, length)
         start = offset & _MASK
         end = (offset + length + BLOCK_SIZE - 1) & _MASK
         held = self._locks.acquire(start, end, True)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from blockd import plan as plans
-from blockd.catalog import Catalog
+from blockd.catalog import FORMAT_VERSION, Catalog
 from blockd.cli import main
 from blockd.errors import BadInput
 from conftest import ROOT
@@ -175,7 +175,7 @@ def test_prime_day_plan_dry_run_then_real_then_noop(tmp_path, capsys):
     assert real["changed"] is True
     vols = ok_json(capsys, d, "volume", "list")
     assert len(vols) == 15424 and sum(v["size"] for v in vols) == 241 * PiB
-    assert {v["size"] for v in vols} == {16 * TiB} and {v["type"] for v in vols} == {"raw"}
+    assert {v["size"] for v in vols} == {16 * TiB} and {v["type"] for v in vols} == {"gp3"}
     assert vols[0]["name"] == "prime-00000" and vols[-1]["name"] == "prime-15423"
     cap = ok_json(capsys, d, "capacity", "show")
     assert cap["logical_limit"] == 241 * PiB and cap["logical_provisioned"] == 241 * PiB
@@ -376,7 +376,7 @@ def test_catalog_format_1_is_upgraded_in_place(tmp_path, capsys):
     assert [(v["name"], v["size"], v["iops"]) for v in vols] == [("old1", GiB, None), ("old2", 2 * GiB, None)]
     assert ok_json(capsys, d, "capacity", "show")["logical_provisioned"] == 3 * GiB
     cat = Catalog(str(d / "catalog.db"))
-    assert cat._version() == 2
+    assert cat._version() == FORMAT_VERSION == 3
     cat.close()
     check_catalog(d)
 
