@@ -49,7 +49,16 @@ def build_parser():
     p.add_argument("--listen", default="127.0.0.1:10809", help="HOST:PORT or unix:PATH (default 127.0.0.1:10809)")
     p.add_argument("--threads", type=int, default=None, help="nbdkit worker threads per connection (default 1: see docs/ARCHITECTURE.md)")
     p.add_argument("--verbose", action="store_true", help="nbdkit debug output")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default; make run uses 127.0.0.1:9810)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="one screen: attached volumes, IOPS and throughput now, capacity, QoS")
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--metrics-url", help="scrape this instead of the running server's --metrics endpoint")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between the two scrapes rates come from")
+    p.set_defaults(func=cmd_status)
 
     vol = sub.add_parser("volume", help="create, list, show, resize and delete volumes")
     _add_data_dir(vol)
@@ -198,7 +207,7 @@ def cmd_serve(args):
     from . import server
 
     threads = args.threads if args.threads is not None else server.DEFAULT_THREADS
-    server.serve(_datadir(args), args.listen, threads, args.verbose)
+    server.serve(_datadir(args), args.listen, threads, args.verbose, metrics_text=args.metrics)
 
 
 def cmd_volume_create(args):
@@ -744,6 +753,40 @@ class _ProvisionProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+# ---- status ------------------------------------------------------------------------
+def cmd_status(args):
+    from . import status
+
+    datadir = _datadir(args)
+    pid = None
+    url = args.metrics_url
+    if url is None:
+        try:
+            sock = control.connect(datadir.path)
+        except control.NoServer:
+            raise Refused(f"no server is running on data dir {datadir.path} (blockd serve --metrics HOST:PORT)") from None
+        ping = control.call(sock, "ping")
+        pid = ping["pid"]
+        if not ping.get("metrics"):
+            raise Refused(
+                f"the server (pid {pid}) runs without --metrics: restart it with --metrics HOST:PORT "
+                "or pass --metrics-url"
+            )
+        host, _, port = ping["metrics"].rpartition(":")
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        url = f"http://{host}:{port}/metrics"
+    if not 0 <= args.interval <= 60:
+        raise BadInput(f"invalid --interval {args.interval}: 0-60 seconds")
+    st = status.collect(url, args.interval, pid)
+    if args.json:
+        _print(st)
+    else:
+        print(status.render(st))
 
 
 # ---- scrub -------------------------------------------------------------------------

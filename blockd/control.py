@@ -72,9 +72,10 @@ class _ShortPath:
 class ControlServer:
     """Listens on the control socket in a daemon thread; one thread per request."""
 
-    def __init__(self, datadir_path, engine, log=None):
+    def __init__(self, datadir_path, engine, log=None, metrics=None):
         self.path = socket_path(datadir_path)
         self.engine = engine
+        self.metrics = metrics  # HOST:PORT of the metrics endpoint, if any (for `blockd status`)
         self.log = log or (lambda line: sys.stderr.write(f"blockd: control: {line}\n"))
         self.malformed = 0
         self._sock = None
@@ -158,7 +159,7 @@ class ControlServer:
 
     # ---- operations ----------------------------------------------------------
     def _op_ping(self, request, emit):
-        return {"pid": os.getpid()}
+        return {"pid": os.getpid(), "metrics": self.metrics}
 
     def _op_attached(self, request, emit):
         if request.get("name") is None:

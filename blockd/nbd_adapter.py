@@ -28,11 +28,12 @@ BLOCK_SIZES = (1, 4096, 32 * 1024 * 1024)  # min 1 (we read-modify-write), prefe
 
 QOS_PERSIST_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 0.2  # let in-flight replies go out before the final flush
-_KEYS = {"data_dir", "lock_fd"}
+_KEYS = {"data_dir", "lock_fd", "metrics"}
 _shutdown_lock = threading.Lock()
 _config = {}
 _engine = None
 _control = None
+_metrics = None
 
 
 def config(key, value):
@@ -49,6 +50,15 @@ def config_complete():
             int(_config["lock_fd"])
         except ValueError:
             raise BadInput(f"invalid lock_fd {_config['lock_fd']!r}") from None
+    if "metrics" in _config:
+        _metrics_address()
+
+
+def _metrics_address():
+    host, sep, port = _config["metrics"].rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadInput(f"invalid metrics={_config['metrics']!r}: expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _raise_fd_limit():
@@ -62,20 +72,28 @@ def _raise_fd_limit():
 
 
 def get_ready():
-    global _engine
+    global _engine, _metrics
     _raise_fd_limit()
     datadir = DataDir(_config["data_dir"]).init()
     if "lock_fd" in _config:
         datadir.adopt_lock(int(_config["lock_fd"]))
     else:
         datadir.lock()
-    _engine = Engine(datadir, qos_trace=int(os.environ.get("BLOCKD_QOS_TRACE", "0") or 0))
+    if "metrics" in _config:
+        from .metrics import Metrics  # prometheus_client only when asked for
+
+        _metrics = Metrics()
+    _engine = Engine(datadir, events=_metrics, qos_trace=int(os.environ.get("BLOCKD_QOS_TRACE", "0") or 0))
+    if _metrics is not None:
+        _metrics.engine = _engine
 
 
 def after_fork():
     """Threads (control, replication, metrics) start here, never before nbdkit forks."""
     global _control
-    _control = ControlServer(_engine.datadir.path, _engine).start()
+    if _metrics is not None:
+        _metrics.serve(*_metrics_address())
+    _control = ControlServer(_engine.datadir.path, _engine, metrics=_config.get("metrics")).start()
     threading.Thread(target=_persist_qos_loop, name="blockd-qos-persist", daemon=True).start()
     quit_fd = find_quit_pipe()
     if quit_fd is not None:
@@ -164,33 +182,40 @@ def list_exports():
 
 
 class Export:
-    """One NBD connection's handle: the shared Volume plus this connection's mode."""
+    """One NBD connection's handle: the shared Volume plus this connection's mode.
+
+    Bound methods go straight onto the handle (one attribute lookup per
+    request); with metrics on, each is wrapped once here in its counter.
+    """
 
     __slots__ = ("volume", "readonly", "size", "read", "write", "flush", "trim", "zero", "cache", "extents")
 
-    def __init__(self, volume, readonly):
+    def __init__(self, volume, readonly, metrics=None):
         self.volume = volume
         self.readonly = readonly or volume.readonly
         self.size = volume.size
-        # Bound methods straight onto the handle: one attribute lookup per request.
-        self.read = volume.read
-        self.write = volume.write if not self.readonly else self._refuse
-        self.flush = volume.flush
-        self.trim = volume.trim if not self.readonly else self._refuse2
-        self.zero = volume.zero if not self.readonly else self._refuse2
-        self.cache = volume.cache
-        self.extents = volume.extents
+        calls = {
+            "read": volume.read,
+            "write": volume.write if not self.readonly else self._refuse,
+            "flush": volume.flush,
+            "trim": volume.trim if not self.readonly else self._refuse,
+            "zero": volume.zero if not self.readonly else self._refuse,
+            "cache": volume.cache,
+            "extents": volume.extents,
+        }
+        for attr, fn in calls.items():
+            if metrics is not None:
+                fn = metrics.wrap(volume, "block_status" if attr == "extents" else attr, fn)
+            setattr(self, attr, fn)
 
     def _refuse(self, *args):
         raise ReadOnly(f"{self.volume.name}: connection is read-only")
-
-    _refuse2 = _refuse
 
 
 def open_export(name, readonly):
     if not name:
         raise BadInput("no export name given: attach a volume by name, e.g. nbd://HOST/VOLUME")
-    return Export(_engine.open(name, readonly), readonly)
+    return Export(_engine.open(name, readonly), readonly, _metrics)
 
 
 def close_export(handle):

@@ -21,7 +21,7 @@ DEFAULT_THREADS = 1  # per connection; measured best (tools/bench --sweep-thread
 URI_LIST_MAX = 20
 
 
-def parse_listen(text):
+def parse_listen(text, flag="--listen"):
     """``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``unix:PATH`` -> ("tcp", host, port) | ("unix", path)."""
     if text.startswith("unix:"):
         path = text[5:]
@@ -35,9 +35,9 @@ def parse_listen(text):
     try:
         port_number = int(port)
     except ValueError:
-        raise BadInput(f"invalid --listen {text!r}: port must be a number") from None
+        raise BadInput(f"invalid {flag} {text!r}: port must be a number") from None
     if not 0 < port_number < 65536:
-        raise BadInput(f"invalid --listen {text!r}: port must be 1-65535")
+        raise BadInput(f"invalid {flag} {text!r}: port must be 1-65535")
     return ("tcp", host, port_number)
 
 
@@ -93,7 +93,27 @@ def uri(listen, name):
     return f"nbd://{host}:{listen[2]}/{name}"
 
 
-def build_command(datadir_path, listen, threads, lock_fd, nbdkit="nbdkit", verbose=False):
+def parse_metrics(text):
+    """``HOST:PORT`` (or ``:PORT``) for the metrics endpoint -> (host, port)."""
+    listen = parse_listen(text, "--metrics") if not text.startswith("unix:") else None
+    if listen is None or ":" not in text:
+        raise BadInput(f"invalid --metrics {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9810")
+    return listen[1], listen[2]
+
+
+def check_port_free(host, port, what):
+    """Refuse before starting anything if another process listens there (one clear line, not a traceback)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.bind((host, port))
+    except OSError as exc:
+        raise Refused(f"cannot listen for {what} on {host}:{port}: {exc.strerror}") from None
+    finally:
+        probe.close()
+
+
+def build_command(datadir_path, listen, threads, lock_fd, nbdkit="nbdkit", verbose=False, metrics=None):
     cmd = [nbdkit, "-f", "--threads", str(threads)]
     if verbose:
         cmd.append("-v")
@@ -104,11 +124,15 @@ def build_command(datadir_path, listen, threads, lock_fd, nbdkit="nbdkit", verbo
     cmd += ["python", find_plugin(), f"data_dir={datadir_path}"]
     if lock_fd is not None:
         cmd.append(f"lock_fd={lock_fd}")
+    if metrics is not None:
+        cmd.append(f"metrics={metrics[0]}:{metrics[1]}")
     return cmd
 
 
-def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=False, out=sys.stdout):
+def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=False, out=sys.stdout,
+          metrics_text=None):
     listen = parse_listen(listen_text)
+    metrics = parse_metrics(metrics_text) if metrics_text else None
     if threads < 1 or threads > 1024:
         raise BadInput(f"invalid --threads {threads}: use 1-1024")
     nbdkit = shutil.which("nbdkit")
@@ -116,6 +140,8 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
         raise BlockdError("nbdkit not found: run `make setup` (installs nbdkit and nbdkit-plugin-python)")
     datadir.init()
     lock_fd = datadir.lock()
+    if metrics is not None:
+        check_port_free(*metrics, "metrics")
     catalog = datadir.catalog()
     try:
         count = catalog.count_volumes()
@@ -125,7 +151,7 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
     if listen[0] == "unix":
         clear_stale_socket(listen[1])
     os.set_inheritable(lock_fd, True)
-    cmd = build_command(datadir.path, listen, threads, lock_fd, nbdkit, verbose)
+    cmd = build_command(datadir.path, listen, threads, lock_fd, nbdkit, verbose, metrics)
     env = dict(os.environ)
     env["PYTHONPATH"] = python_path()
     env["NUMBA_CACHE_DIR"] = jitcache.ensure()  # one shared JIT cache: nbdkit must not recompile
@@ -136,5 +162,8 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
             print(f"no volumes yet: blockd volume create NAME --size SIZE, then attach {uri(listen, 'NAME')}", file=out)
     else:
         print(f"{count} volumes: {uri(listen, 'NAME')}", file=out)
+    if metrics is not None:
+        host = f"[{metrics[0]}]" if ":" in metrics[0] else metrics[0]
+        print(f"metrics http://{host}:{metrics[1]}/metrics", file=out)
     out.flush()
     os.execve(nbdkit, cmd, env)

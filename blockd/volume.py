@@ -37,6 +37,15 @@ class NullEvents:
     def checksum_error(self, volume, offsets):
         pass
 
+    def scrub_started(self, volume):
+        pass
+
+    def scrub_progress(self, volume, nbytes):
+        pass
+
+    def scrub_finished(self, volume, corrupt):
+        pass
+
 
 class Volume:
     def __init__(self, name, volume_id, size, store, readonly=False, events=None):
@@ -392,6 +401,16 @@ class Volume:
         Safe while the volume is attached: each chunk is read and checked
         under a shared range lock, so a write in flight is never half seen.
         """
+        self.events.scrub_started(self)
+        try:
+            bad = self._scrub(progress)
+        except BaseException:
+            self.events.scrub_finished(self, 0)
+            raise
+        self.events.scrub_finished(self, len(bad))
+        return bad
+
+    def _scrub(self, progress):
         store = self.store
         bad_offsets = []
         chunks = store.chunk_indexes()
@@ -411,6 +430,7 @@ class Volume:
                     bad_offsets.extend(c * self.chunk_size + int(i) * BLOCK_SIZE for i in bad)
             finally:
                 self._locks.release(held)
+            self.events.scrub_progress(self, self.chunk_size)
             if progress:
                 progress(self.chunk_size)
         if bad_offsets:
