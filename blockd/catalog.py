@@ -15,7 +15,7 @@ from .errors import BadInput, BlockdError, NotFound, Refused
 from .geometry import DEFAULT_CHUNK_SIZE
 from .sizes import check_name, check_volume_size, format_size
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 DEFAULT_POOL = "default"
 MAX_LOGICAL_LIMIT = 2**63 - 1  # SQLite integers are signed 64-bit
 BUSY_TIMEOUT_SECONDS = 30  # a CLI waiting on a long provisioning transaction
@@ -49,7 +49,23 @@ CREATE TABLE IF NOT EXISTS volumes (
     mod_started_at    REAL,            -- last Elastic Volumes modification: modifying from here,
     mod_optimizing_at REAL,            --   optimizing (new limits apply) from here,
     mod_completed_at  REAL,            --   completed from here
-    mod_from          TEXT             -- JSON: type, size, iops, throughput before it
+    mod_from          TEXT,            -- JSON: type, size, iops, throughput before it
+    repl_id    INTEGER,                -- replication id, the same on every copy (NULL: not replicated)
+    min_copies INTEGER NOT NULL DEFAULT 1  -- copies a write needs before it is acknowledged
+);
+CREATE UNIQUE INDEX IF NOT EXISTS volumes_repl_id ON volumes(repl_id);
+CREATE TABLE IF NOT EXISTS peers (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    name       TEXT NOT NULL UNIQUE,
+    address    TEXT NOT NULL,          -- tcp://HOST:PORT of its replication sink
+    public_key TEXT,                   -- CurveZMQ public key (Z85); NULL only for insecure peers
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS volume_replicas (
+    volume_id  INTEGER NOT NULL REFERENCES volumes(id) ON DELETE CASCADE,
+    peer_id    INTEGER NOT NULL REFERENCES peers(id),
+    seeded     INTEGER NOT NULL DEFAULT 0,  -- the peer has held a copy (a fresh one there means: full resync)
+    PRIMARY KEY (volume_id, peer_id)
 );
 """
 
@@ -70,11 +86,30 @@ MIGRATIONS = {
         "ALTER TABLE volumes ADD COLUMN mod_completed_at REAL",
         "ALTER TABLE volumes ADD COLUMN mod_from TEXT",
     ],
+    3: [
+        "ALTER TABLE volumes ADD COLUMN repl_id INTEGER",
+        "ALTER TABLE volumes ADD COLUMN min_copies INTEGER NOT NULL DEFAULT 1",
+        "CREATE UNIQUE INDEX IF NOT EXISTS volumes_repl_id ON volumes(repl_id)",
+        "CREATE TABLE IF NOT EXISTS peers (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, "
+        "address TEXT NOT NULL, public_key TEXT, created_at REAL NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS volume_replicas (volume_id INTEGER NOT NULL REFERENCES volumes(id) "
+        "ON DELETE CASCADE, peer_id INTEGER NOT NULL REFERENCES peers(id), seeded INTEGER NOT NULL DEFAULT 0, "
+        "PRIMARY KEY (volume_id, peer_id))",
+    ],
 }
 
 PROVISION_BATCH = 10_000  # rows per statement while provisioning a plan (progress granularity)
 MAX_IOPS = 10_000_000
 MAX_THROUGHPUT = 1_000_000  # MiB/s
+
+
+def _new_repl_id(db):
+    import secrets
+
+    while True:
+        candidate = secrets.randbits(62) + 1
+        if not db.execute("SELECT 1 FROM volumes WHERE repl_id=?", (candidate,)).fetchone():
+            return candidate
 
 
 def _ago(seconds):
@@ -161,7 +196,10 @@ class Catalog:
         with self.transaction() as db:
             fresh = db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone() is None
             if fresh:
-                for statement in SCHEMA.split(";"):
+                import re
+
+                bare = re.sub(r"--[^\n]*", "", SCHEMA)  # comments may contain semicolons
+                for statement in bare.split(";"):
                     if statement.strip():
                         db.execute(statement)
                 db.execute("INSERT INTO meta (key, value) VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
@@ -292,26 +330,137 @@ class Catalog:
         )
 
     # ---- volumes -----------------------------------------------------------
-    def create_volume(self, name, size, type_="raw", iops=None, throughput=None, credits=None):
-        """One row.  ``credits``: the initial burst balance (None: a full bucket)."""
+    def create_volume(self, name, size, type_="raw", iops=None, throughput=None, credits=None, replicas=(),
+                      min_copies=None):
+        """One row.  ``credits``: the initial burst balance (None: a full bucket).
+
+        ``replicas`` names configured peers that each hold a copy; ``min_copies``
+        (default 2 with replicas, else 1) is how many copies, this one included,
+        a write needs before it is acknowledged.
+        """
         check_name(name)
         check_volume_size(size)
         check_type(type_)
         check_qos(iops, throughput)
         voltypes.check(type_, size, iops, throughput)
+        replicas = list(replicas)
+        if len(set(replicas)) != len(replicas):
+            raise BadInput(f"invalid --replica list {replicas}: a peer is named twice")
+        if min_copies is None:
+            min_copies = 2 if replicas else 1
+        if isinstance(min_copies, bool) or not isinstance(min_copies, int) or not 1 <= min_copies <= 1 + len(replicas):
+            raise BadInput(
+                f"invalid --min-copies {min_copies}: 1 to {1 + len(replicas)} (this copy plus {len(replicas)} replica(s))"
+            )
         now = time.time()
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM volumes WHERE name=?", (name,)).fetchone():
                 raise Refused(f"volume {name} already exists")
+            peer_ids = []
+            for peer in replicas:
+                row = db.execute("SELECT id FROM peers WHERE name=?", (peer,)).fetchone()
+                if row is None:
+                    raise NotFound(f"unknown peer {peer!r}: add it with `blockd peer add {peer} tcp://HOST:PORT --public-key KEY`")
+                peer_ids.append(row[0])
             pool = db.execute("SELECT * FROM pools WHERE name=?", (DEFAULT_POOL,)).fetchone()
             self._reserve(db, pool, size, f"creating {name} ({format_size(size)})")
+            repl_id = _new_repl_id(db) if replicas else None
+            cur = db.execute(
+                "INSERT INTO volumes (name, pool_id, size, type, created_at, iops, throughput, credits, credits_at, "
+                "repl_id, min_copies) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, pool["id"], size, type_, now, iops, throughput, credits, now if credits is not None else None,
+                 repl_id, min_copies),
+            )
+            for peer_id in peer_ids:
+                db.execute("INSERT INTO volume_replicas (volume_id, peer_id) VALUES (?, ?)", (cur.lastrowid, peer_id))
+            db.execute("UPDATE pools SET provisioned = provisioned + ? WHERE id=?", (size, pool["id"]))
+        return self.volume(name)
+
+    def create_replica(self, name, size, type_, repl_id, epoch, min_copies=1):
+        """The replica side of a replicated volume (role 'replica': not exported until promoted)."""
+        check_name(name)
+        check_volume_size(size)
+        check_type(type_)
+        with self.transaction() as db:
+            existing = db.execute("SELECT repl_id FROM volumes WHERE name=?", (name,)).fetchone()
+            if existing:
+                raise Refused(f"volume {name} already exists on this node (replication id {existing[0]})")
+            pool = db.execute("SELECT * FROM pools WHERE name=?", (DEFAULT_POOL,)).fetchone()
+            self._reserve(db, pool, size, f"holding a replica of {name} ({format_size(size)})")
             db.execute(
-                "INSERT INTO volumes (name, pool_id, size, type, created_at, iops, throughput, credits, credits_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, pool["id"], size, type_, now, iops, throughput, credits, now if credits is not None else None),
+                "INSERT INTO volumes (name, pool_id, size, type, created_at, repl_id, role, epoch, min_copies) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'replica', ?, ?)",
+                (name, pool["id"], size, type_, time.time(), repl_id, epoch, min_copies),
             )
             db.execute("UPDATE pools SET provisioned = provisioned + ? WHERE id=?", (size, pool["id"]))
         return self.volume(name)
+
+    def volume_by_repl_id(self, repl_id):
+        rows = self._query(
+            "SELECT v.*, p.chunk_size FROM volumes v JOIN pools p ON p.id = v.pool_id WHERE v.repl_id=?", (repl_id,)
+        )
+        return dict(rows[0]) if rows else None
+
+    def set_epoch_role(self, volume_id, epoch, role):
+        with self.transaction() as db:
+            db.execute("UPDATE volumes SET epoch=?, role=? WHERE id=?", (epoch, role, volume_id))
+
+    def set_min_copies(self, name, min_copies):
+        with self.transaction() as db:
+            row = db.execute("SELECT id, repl_id FROM volumes WHERE name=?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"unknown volume {name!r}")
+            copies = 1 + db.execute("SELECT COUNT(*) FROM volume_replicas WHERE volume_id=?", (row[0],)).fetchone()[0]
+            if isinstance(min_copies, bool) or not isinstance(min_copies, int) or not 1 <= min_copies <= copies:
+                raise BadInput(f"invalid --min-copies {min_copies}: volume {name} has {copies} copies")
+            db.execute("UPDATE volumes SET min_copies=? WHERE id=?", (min_copies, row[0]))
+
+    def volume_replicas(self, volume_id):
+        """The peers holding copies of a volume: [{name, address, public_key, peer_id, seeded}]."""
+        rows = self._query(
+            "SELECT p.id AS peer_id, p.name, p.address, p.public_key, r.seeded FROM volume_replicas r "
+            "JOIN peers p ON p.id = r.peer_id WHERE r.volume_id=? ORDER BY p.name",
+            (volume_id,),
+        )
+        return [dict(r) for r in rows]
+
+    def set_seeded(self, volume_id, peer_id):
+        with self.transaction() as db:
+            db.execute("UPDATE volume_replicas SET seeded=1 WHERE volume_id=? AND peer_id=?", (volume_id, peer_id))
+
+    # ---- peers -------------------------------------------------------------
+    def add_peer(self, name, address, public_key):
+        check_name(name)
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM peers WHERE name=?", (name,)).fetchone():
+                raise Refused(f"peer {name} already exists")
+            db.execute(
+                "INSERT INTO peers (name, address, public_key, created_at) VALUES (?, ?, ?, ?)",
+                (name, address, public_key, time.time()),
+            )
+        return self.peer(name)
+
+    def peer(self, name):
+        rows = self._query("SELECT * FROM peers WHERE name=?", (name,))
+        if not rows:
+            raise NotFound(f"unknown peer {name!r}")
+        return dict(rows[0])
+
+    def peers(self):
+        return [dict(r) for r in self._query("SELECT * FROM peers ORDER BY name")]
+
+    def remove_peer(self, name):
+        with self.transaction() as db:
+            row = db.execute("SELECT id FROM peers WHERE name=?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"unknown peer {name!r}")
+            used = db.execute(
+                "SELECT v.name FROM volume_replicas r JOIN volumes v ON v.id = r.volume_id WHERE r.peer_id=? LIMIT 3",
+                (row[0],),
+            ).fetchall()
+            if used:
+                raise Refused(f"peer {name} holds copies of {', '.join(u[0] for u in used)}: delete those volumes first")
+            db.execute("DELETE FROM peers WHERE id=?", (row[0],))
 
     def volume(self, name):
         rows = self._query(
@@ -363,7 +512,10 @@ class Catalog:
         return row["size"], size
 
     def volume_names(self, limit):
-        return [r[0] for r in self._query("SELECT name FROM volumes ORDER BY name LIMIT ?", (limit,))]
+        """Exportable volumes (replicas are not exported until promoted)."""
+        return [
+            r[0] for r in self._query("SELECT name FROM volumes WHERE role != 'replica' ORDER BY name LIMIT ?", (limit,))
+        ]
 
     def count_volumes(self):
         return self._query("SELECT COUNT(*) FROM volumes")[0][0]

@@ -51,7 +51,58 @@ def build_parser():
     p.add_argument("--verbose", action="store_true", help="nbdkit debug output")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default; make run uses 127.0.0.1:9810)")
+    p.add_argument("--replication-listen", metavar="tcp://HOST:PORT", help="run the replication sink for replicas here")
+    p.add_argument("--key-dir", help="node key pair (default $BLOCKD_KEY_DIR, /etc/blockd/keys as root, ~/.config/blockd/keys)")
+    p.add_argument("--insecure-replication", action="store_true",
+                   help="plain TCP, no CurveZMQ (both sides must say so)")
+    p.add_argument("--ack-timeout", type=float, metavar="S", help="a replica missing this deadline is out of sync (default 2)")
+    p.add_argument("--write-timeout", type=float, metavar="S",
+                   help="a write without min-copies acknowledgements fails with EIO after this (default 30)")
+    p.add_argument("--heartbeat", type=float, metavar="S", help="idle heartbeat interval to peers (default 0.5)")
+    p.add_argument("--resync-rate", type=float, metavar="MiB/s", help="resync throttle per peer (default 256)")
     p.set_defaults(func=cmd_serve)
+
+    keys = sub.add_parser("keys", help="this node's CurveZMQ key pair (replication identity)")
+    _add_data_dir(keys)
+    ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION")
+    ksub.required = True
+    p = ksub.add_parser("generate", help="create the key pair (private key mode 0600)")
+    _add_data_dir(p)
+    p.add_argument("--key-dir")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys_generate)
+    p = ksub.add_parser("show", help="print the public key (give it to peers)")
+    _add_data_dir(p)
+    p.add_argument("--key-dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys_show)
+
+    peer = sub.add_parser("peer", help="nodes that hold replicas")
+    _add_data_dir(peer)
+    psub2 = peer.add_subparsers(dest="peer_command", metavar="ACTION")
+    psub2.required = True
+    p = psub2.add_parser("add", help="record a peer: its name, replication address and public key")
+    _add_data_dir(p)
+    p.add_argument("name")
+    p.add_argument("address", metavar="tcp://HOST:PORT")
+    p.add_argument("--public-key", help="the peer's `blockd keys show` (omit only for --insecure-replication)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_peer_add)
+    p = psub2.add_parser("list", help="list peers")
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_peer_list)
+    p = psub2.add_parser("remove", help="forget a peer that holds no copies")
+    _add_data_dir(p)
+    p.add_argument("name")
+    p.set_defaults(func=cmd_peer_remove)
+
+    p = sub.add_parser("verify", help="compare every block's checksum with every replica's (exit 1 on differences)")
+    _add_data_dir(p)
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("status", help="one screen: attached volumes, IOPS and throughput now, capacity, QoS")
     _add_data_dir(p)
@@ -73,6 +124,8 @@ def build_parser():
     p.add_argument("--iops", type=_positive_int, help="provisioned IOPS (gp3, io1, io2; a cap for raw)")
     p.add_argument("--throughput", type=_positive_int, metavar="MiB/s", help="provisioned MiB/s (gp3; a cap for raw)")
     p.add_argument("--initial-credits", metavar="N|P%", help="start gp2/st1/sc1 with this burst balance (default full)")
+    p.add_argument("--replica", action="append", default=[], metavar="PEER", help="a peer holding a copy (repeat)")
+    p.add_argument("--min-copies", type=_positive_int, help="copies a write needs, this one included (default 2 with replicas)")
     p.add_argument("--exist-ok", action="store_true", help="succeed if a volume of this name, size and type exists")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_volume_create)
@@ -113,6 +166,14 @@ def build_parser():
     p.add_argument("--throughput", type=_positive_int, metavar="MiB/s", help="new provisioned MiB/s")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_volume_modify)
+
+    p = vsub.add_parser("set", help="change a volume setting (--min-copies)")
+    _add_data_dir(p)
+    p.add_argument("name")
+    p.add_argument("--min-copies", type=_positive_int, required=True,
+                   help="copies a write needs; 1 is the explicit choice to continue on one copy")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_volume_set)
 
     p = vsub.add_parser("set-credits", help="set a gp2/st1/sc1 volume's burst balance (rehearsals)")
     _add_data_dir(p)
@@ -207,7 +268,20 @@ def cmd_serve(args):
     from . import server
 
     threads = args.threads if args.threads is not None else server.DEFAULT_THREADS
-    server.serve(_datadir(args), args.listen, threads, args.verbose, metrics_text=args.metrics)
+    replication = {
+        "replication_listen": args.replication_listen,
+        "key_dir": args.key_dir,
+        "insecure_replication": "1" if args.insecure_replication else None,
+        "ack_timeout": args.ack_timeout,
+        "write_timeout": args.write_timeout,
+        "heartbeat": args.heartbeat,
+        "resync_mibps": args.resync_rate,
+    }
+    for key in ("ack_timeout", "write_timeout", "heartbeat", "resync_mibps"):
+        if replication[key] is not None and not replication[key] > 0:
+            raise BadInput(f"invalid --{key.replace('_', '-').replace('resync-mibps', 'resync-rate')}: must be positive")
+    server.serve(_datadir(args), args.listen, threads, args.verbose, metrics_text=args.metrics,
+                 replication=replication)
 
 
 def cmd_volume_create(args):
@@ -230,7 +304,8 @@ def cmd_volume_create(args):
             if args.initial_credits is not None:
                 voltypes.check(args.type, size, args.iops, args.throughput)
                 credits = voltypes.parse_credits(args.initial_credits, args.type, size)
-            row = catalog.create_volume(args.name, size, args.type, args.iops, args.throughput, credits)
+            row = catalog.create_volume(args.name, size, args.type, args.iops, args.throughput, credits,
+                                        replicas=args.replica, min_copies=args.min_copies)
     finally:
         catalog.close()
     if args.json:
@@ -299,6 +374,21 @@ def cmd_volume_show(args):
     info["attached"] = connections > 0
     info["connections"] = connections
     info.update(_qos_info(row, live))
+    info["replication"] = None
+    if row["repl_id"] is not None:
+        if info["server"]:
+            info["replication"] = control.call(control.connect(datadir.path), "replication", name=args.name)
+        else:
+            catalog = datadir.catalog(create=False, readonly=True)
+            try:
+                peers = catalog.volume_replicas(row["id"])
+            finally:
+                catalog.close()
+            info["replication"] = {
+                "repl_id": row["repl_id"], "epoch": row["epoch"], "min_copies": row["min_copies"], "role": row["role"],
+                "fenced": False, "peers": {p["name"]: {"state": "unknown (no server)", "address": p["address"]}
+                                           for p in peers},
+            }
     if args.json:
         _print(info)
     else:
@@ -343,6 +433,15 @@ def _print_show(info):
     unit = {"ops": " I/O credits", "bytes": " bytes"}.get(lim["credit_unit"], "")
     credits = f" ({info['credits']:.0f} of {lim['credits_max']}{unit})" if info["credits"] is not None else ""
     print(f"burst_balance: {info['burst_balance']:.1f}%{credits}")
+    repl = info.get("replication")
+    if repl:
+        print(f"replication: {repl['role']}, epoch {repl['epoch']}, min copies {repl['min_copies']}"
+              + (", FENCED" if repl.get("fenced") else ""))
+        for peer, st in repl["peers"].items():
+            extra = ""
+            if st.get("resync_remaining_chunks"):
+                extra = f", resync {st['resync_done_chunks']}/{st['resync_total_chunks']} chunks"
+            print(f"  {peer} {st.get('address', '')}: {st['state']}{extra}")
     mod = info["modification"]
     if mod:
         print(f"modification: {mod['state']} ({mod['progress']}%), from {mod['original']}")
@@ -532,6 +631,128 @@ def cmd_pool_set(args):
         _print(info)
     else:
         print(f"pool {info['pool']}: modify cooldown {seconds:g} s")
+
+
+def cmd_volume_set(args):
+    datadir = _datadir(args)
+    mode, handle = _live(datadir, args.name)
+    if mode == "online":
+        control.call(handle, "set-min-copies", name=args.name, min_copies=args.min_copies)
+    else:
+        try:
+            catalog = datadir.catalog(create=False)
+            try:
+                catalog.set_min_copies(args.name, args.min_copies)
+            finally:
+                catalog.close()
+        finally:
+            datadir.unlock()
+    if args.json:
+        _print({"name": args.name, "min_copies": args.min_copies, "online": mode == "online"})
+    else:
+        print(f"{args.name}: writes need {args.min_copies} cop{'y' if args.min_copies == 1 else 'ies'}")
+
+
+# ---- keys and peers --------------------------------------------------------------------
+def _key_dir(args):
+    from . import keys
+
+    return args.key_dir or keys.default_key_dir()
+
+
+def cmd_keys_generate(args):
+    from . import keys
+
+    key_dir = _key_dir(args)
+    public = keys.generate(key_dir, force=args.force)
+    if args.json:
+        _print({"key_dir": key_dir, "public_key": public})
+    else:
+        print(f"public key {public}")
+        print(f"(in {key_dir}; give it to peers: blockd peer add NAME tcp://HOST:PORT --public-key {public})")
+
+
+def cmd_keys_show(args):
+    from . import keys
+
+    key_dir = _key_dir(args)
+    public = keys.load_public(key_dir)
+    if args.json:
+        _print({"key_dir": key_dir, "public_key": public})
+    else:
+        print(public)
+
+
+def _peer_json(p):
+    return {"name": p["name"], "address": p["address"], "public_key": p["public_key"], "created_at": p["created_at"]}
+
+
+def cmd_peer_add(args):
+    from . import keys
+    from .server import parse_zmq_address
+
+    check_name(args.name)
+    parse_zmq_address(args.address, "address")
+    if args.public_key is not None:
+        keys.check_public_key(args.public_key)
+    catalog = _datadir(args).catalog()
+    try:
+        peer = catalog.add_peer(args.name, args.address, args.public_key)
+    finally:
+        catalog.close()
+    if args.json:
+        _print(_peer_json(peer))
+    else:
+        print(f"peer {peer['name']} {peer['address']}" + ("" if peer["public_key"] else " (no key: insecure only)"))
+
+
+def cmd_peer_list(args):
+    datadir = _datadir(args)
+    peers = []
+    if datadir.exists():
+        catalog = datadir.catalog(create=False, readonly=True)
+        try:
+            peers = catalog.peers()
+        finally:
+            catalog.close()
+    if args.json:
+        _print([_peer_json(p) for p in peers])
+    elif not peers:
+        print("no peers")
+    else:
+        for p in peers:
+            print(f"{p['name']}  {p['address']}  {p['public_key'] or '-'}")
+
+
+def cmd_peer_remove(args):
+    catalog = _datadir(args).catalog()
+    try:
+        catalog.remove_peer(args.name)
+    finally:
+        catalog.close()
+    print(f"removed peer {args.name}")
+
+
+def cmd_verify(args):
+    datadir = _datadir(args)
+    _find(datadir, args.name)
+    try:
+        sock = control.connect(datadir.path)
+    except control.NoServer:
+        raise Refused(f"verify compares live copies: start the server holding {args.name} (blockd serve)") from None
+    result = control.call(sock, "verify", timeout=None, name=args.name)
+    diffs = result["differences"]
+    total = sum(len(v) for v in diffs.values())
+    if args.json:
+        _print({"name": args.name, "identical": total == 0, "differences": diffs})
+    else:
+        for peer, offsets in diffs.items():
+            if offsets:
+                shown = ", ".join(str(o) for o in offsets[:10]) + (" ..." if len(offsets) > 10 else "")
+                print(f"{peer}: {len(offsets)} block(s) differ at offsets {shown}")
+            else:
+                print(f"{peer}: identical")
+    return 1 if total else 0
 
 
 # ---- capacity ----------------------------------------------------------------------

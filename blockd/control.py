@@ -233,7 +233,23 @@ class ControlServer:
         return {"name": name, "id": row["id"]}
 
 
+    def _op_replication(self, request, emit):
+        return self.engine.replication_status(_name(request))
+
+    def _op_set_min_copies(self, request, emit):
+        name = _name(request)
+        self.engine.set_min_copies(name, _int(request, "min_copies"))
+        return self.engine.replication_status(name)
+
+    def _op_verify(self, request, emit):
+        name = _name(request)
+        return {"name": name, "differences": self.engine.verify(name)}
+
+
 _OPS = {
+    "replication": ControlServer._op_replication,
+    "set-min-copies": ControlServer._op_set_min_copies,
+    "verify": ControlServer._op_verify,
     "qos": ControlServer._op_qos,
     "set-credits": ControlServer._op_set_credits,
     "modify": ControlServer._op_modify,

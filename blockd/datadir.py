@@ -5,6 +5,7 @@
         blockd.lock         flock: held by the process that writes volume data
         volumes/<id>/       chunk files, created on first write
         locks/<id>.lock     flock: held while a volume is open (attached)
+        resync/<id>.<peer>.log  chunks a replica missed (replication's resync bitmap)
 
 Owns paths and locks; never reads or writes volume data.
 """
@@ -40,6 +41,7 @@ class DataDir:
         self.catalog_path = os.path.join(self.path, "catalog.db")
         self.volumes_path = os.path.join(self.path, "volumes")
         self.locks_path = os.path.join(self.path, "locks")
+        self.resync_dir = os.path.join(self.path, "resync")
         self.lock_path = os.path.join(self.path, "blockd.lock")
         self._lock_fd = None
 
@@ -48,7 +50,7 @@ class DataDir:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise BadInput(f"invalid data dir {self.path}: exists and is not a directory")
         try:
-            for p in (self.path, self.volumes_path, self.locks_path):
+            for p in (self.path, self.volumes_path, self.locks_path, self.resync_dir):
                 if not os.path.isdir(p):
                     os.makedirs(p, mode=0o700, exist_ok=True)
                     # A new directory entry is durable only once its parent is synced.
@@ -81,6 +83,10 @@ class DataDir:
 
     def volume_path(self, volume_id):
         return os.path.join(self.volumes_path, str(volume_id))
+
+    def resync_path(self, volume_id, peer):
+        """The durable set of chunks peer ``peer`` missed for a volume (see replication)."""
+        return os.path.join(self.resync_dir, f"{volume_id}.{peer}.log")
 
     # ---- locks -------------------------------------------------------------
     def lock(self):
@@ -198,6 +204,12 @@ class DataDir:
 
     def remove_volume_files(self, volume_id):
         shutil.rmtree(self.volume_path(volume_id), ignore_errors=True)
+        try:
+            for name in os.listdir(self.resync_dir):
+                if name.startswith(f"{volume_id}."):
+                    os.unlink(os.path.join(self.resync_dir, name))
+        except FileNotFoundError:
+            pass
         try:
             os.unlink(os.path.join(self.locks_path, f"{volume_id}.lock"))
         except FileNotFoundError:

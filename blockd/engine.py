@@ -13,7 +13,7 @@ import threading
 import time
 
 from . import voltypes
-from .errors import Busy, NotFound
+from .errors import Busy, NotFound, Refused
 from .qos import Admission
 from .fileio import OsFiles
 from .sizes import check_name
@@ -35,6 +35,7 @@ class _Open:
 class Engine:
     def __init__(self, datadir, files=None, events=None, clock=time.monotonic, qos_trace=0):
         self.datadir = datadir
+        self.replication = None  # set by the server: replication.Manager (something that replicates writes)
         self.clock = clock
         self.qos_trace = qos_trace  # tests: keep the last N admissions per volume
         self.files = files or OsFiles()
@@ -46,12 +47,20 @@ class Engine:
         self._closing = set()  # volume ids whose last connection is closing them
         self._retired = {}  # volume id -> _Open: deleted (--force) while connections still hold it
 
-    def open(self, name, readonly=False):
-        """Attach: the shared Volume for ``name`` (refcounted)."""
+    def open(self, name, readonly=False, replica=False):
+        """Attach: the shared Volume for ``name`` (refcounted).
+
+        A replica copy is not an export: only the replication sink opens it
+        (``replica=True``), and it is never throttled (its primary is).
+        """
         check_name(name)
         row = self.catalog.find_volume(name)
         if row is None:
             raise NotFound(f"unknown export {name!r}: no such volume")
+        if (row["role"] == "replica") != replica:
+            if replica:
+                raise Refused(f"volume {name} is a primary on this node, not a replica")
+            raise NotFound(f"unknown export {name!r}: this node holds a replica of it (promote it to serve it)")
         with self._lock:
             # The last connection may still be closing it (flushing): wait,
             # or we would race its volume lock and see "held by another process".
@@ -82,7 +91,16 @@ class Engine:
                 store.close()
                 raise
             volume = Volume(row["name"], row["id"], again["size"], store, events=self.events)
-            volume.qos = self._admission(again)
+            if again["role"] != "replica":
+                volume.qos = self._admission(again)
+            if again["repl_id"] is not None and again["role"] == "primary":
+                if self.replication is None:
+                    store.close()
+                    raise Refused(
+                        f"volume {row['name']} is replicated: this server has no replication configured "
+                        "(a key pair in --key-dir, or --insecure-replication)"
+                    )
+                self.replication.attach(volume, again)
             return _Open(volume, lock_fd)
         except BaseException:
             os.close(lock_fd)
@@ -105,6 +123,8 @@ class Engine:
                 self._persist_credits(entry.volume)
             except Exception:
                 pass  # the balance is best effort; the data is not
+            if self.replication is not None and entry.volume.replication is not None:
+                self.replication.detach(entry.volume)
             entry.volume.close()
         finally:
             os.close(entry.lock_fd)
@@ -193,6 +213,40 @@ class Engine:
                 else:
                     self._admission(row, current=volume.qos)
         return row
+
+    # ---- replication (reached through the control socket) -------------------------------
+    def replication_status(self, name):
+        row = self.catalog.volume(name)
+        with self._lock:
+            entry = self._open.get(row["id"])
+        vr = entry.volume.replication if entry is not None else None
+        if vr is not None:
+            out = vr.status()
+        else:
+            peers = self.catalog.volume_replicas(row["id"]) if row["repl_id"] is not None else []
+            out = {"repl_id": row["repl_id"], "epoch": row["epoch"], "min_copies": row["min_copies"], "fenced": False,
+                   "peers": {p["name"]: {"state": "unknown (volume not open)", "address": p["address"]} for p in peers}}
+        out["role"] = row["role"]
+        return out
+
+    def set_min_copies(self, name, n):
+        row = self.catalog.volume(name)
+        self.catalog.set_min_copies(name, n)
+        with self._lock:
+            entry = self._open.get(row["id"])
+        if entry is not None and entry.volume.replication is not None:
+            entry.volume.replication.set_min_copies(n)
+
+    def verify(self, name):
+        """Per-block checksums of this copy against every replica's: {peer: [differing offsets]}."""
+        row = self.catalog.volume(name)
+        if row["repl_id"] is None or row["role"] != "primary":
+            raise Refused(f"volume {name} is not a replicated primary on this node: nothing to compare")
+        volume = self.open(name)
+        try:
+            return volume.replication.verify()
+        finally:
+            self.release(volume)
 
     def _release_retired(self, volume):
         """Called with the engine lock held: the last connection of a deleted volume cleans up."""

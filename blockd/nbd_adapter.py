@@ -28,12 +28,15 @@ BLOCK_SIZES = (1, 4096, 32 * 1024 * 1024)  # min 1 (we read-modify-write), prefe
 
 QOS_PERSIST_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 0.2  # let in-flight replies go out before the final flush
-_KEYS = {"data_dir", "lock_fd", "metrics"}
+_KEYS = {"data_dir", "lock_fd", "metrics", "replication_listen", "key_dir", "insecure_replication", "ack_timeout",
+         "write_timeout", "heartbeat", "resync_mibps"}
+_FLOAT_KEYS = ("ack_timeout", "write_timeout", "heartbeat", "resync_mibps")
 _shutdown_lock = threading.Lock()
 _config = {}
 _engine = None
 _control = None
 _metrics = None
+_sink = None
 
 
 def config(key, value):
@@ -52,6 +55,13 @@ def config_complete():
             raise BadInput(f"invalid lock_fd {_config['lock_fd']!r}") from None
     if "metrics" in _config:
         _metrics_address()
+    for key in _FLOAT_KEYS:
+        if key in _config:
+            try:
+                if float(_config[key]) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise BadInput(f"invalid {key}={_config[key]!r}: a positive number of seconds (MiB/s for resync)") from None
 
 
 def _metrics_address():
@@ -86,6 +96,33 @@ def get_ready():
     _engine = Engine(datadir, events=_metrics, qos_trace=int(os.environ.get("BLOCKD_QOS_TRACE", "0") or 0))
     if _metrics is not None:
         _metrics.engine = _engine
+    _setup_replication(datadir)
+
+
+def _replication_settings():
+    from .replication import Settings
+
+    kw = {k: float(_config[k]) for k in _FLOAT_KEYS if k in _config}
+    return Settings(insecure=_config.get("insecure_replication") == "1", **kw)
+
+
+def _setup_replication(datadir):
+    """A replication manager when this node can speak to peers (keys, or explicitly insecure)."""
+    from . import keys as keyfiles
+
+    settings_needed = _config.get("insecure_replication") == "1" or "replication_listen" in _config
+    key_dir = _config.get("key_dir") or keyfiles.default_key_dir()
+    node_keys = None
+    try:
+        node_keys = keyfiles.load(key_dir)
+    except Exception:
+        if settings_needed and _config.get("insecure_replication") != "1":
+            raise
+    if node_keys is None and _config.get("insecure_replication") != "1":
+        return  # no identity: replicated volumes refuse to open, everything else works
+    from .replication import Manager
+
+    _engine.replication = Manager(_engine, node_keys, _replication_settings())
 
 
 def after_fork():
@@ -93,6 +130,13 @@ def after_fork():
     global _control
     if _metrics is not None:
         _metrics.serve(*_metrics_address())
+    if "replication_listen" in _config:
+        global _sink
+        from .replication import Sink
+
+        manager = _engine.replication
+        allowed = [p["public_key"] for p in _engine.catalog.peers() if p["public_key"]]
+        _sink = Sink(_engine, _config["replication_listen"], manager.keys, manager.settings, allowed).start()
     _control = ControlServer(_engine.datadir.path, _engine, metrics=_config.get("metrics")).start()
     threading.Thread(target=_persist_qos_loop, name="blockd-qos-persist", daemon=True).start()
     quit_fd = find_quit_pipe()

@@ -113,7 +113,7 @@ def check_port_free(host, port, what):
         probe.close()
 
 
-def build_command(datadir_path, listen, threads, lock_fd, nbdkit="nbdkit", verbose=False, metrics=None):
+def build_command(datadir_path, listen, threads, lock_fd, nbdkit="nbdkit", verbose=False, metrics=None, extra=None):
     cmd = [nbdkit, "-f", "--threads", str(threads)]
     if verbose:
         cmd.append("-v")
@@ -126,13 +126,33 @@ def build_command(datadir_path, listen, threads, lock_fd, nbdkit="nbdkit", verbo
         cmd.append(f"lock_fd={lock_fd}")
     if metrics is not None:
         cmd.append(f"metrics={metrics[0]}:{metrics[1]}")
+    for key, value in (extra or {}).items():
+        cmd.append(f"{key}={value}")
     return cmd
 
 
+def parse_zmq_address(text, flag):
+    """``tcp://HOST:PORT`` (what peers and --replication-listen take)."""
+    import re
+
+    m = re.fullmatch(r"tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-*]+):([0-9]{1,5})", text or "")
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise BadInput(f"invalid {flag} {text!r}: expected tcp://HOST:PORT, e.g. tcp://10.0.0.2:10810")
+    return text
+
+
 def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=False, out=sys.stdout,
-          metrics_text=None):
+          metrics_text=None, replication=None):
+    """``replication``: plugin settings (replication_listen, key_dir, insecure_replication, timeouts)."""
     listen = parse_listen(listen_text)
     metrics = parse_metrics(metrics_text) if metrics_text else None
+    replication = {k: v for k, v in (replication or {}).items() if v is not None}
+    if "replication_listen" in replication:
+        parse_zmq_address(replication["replication_listen"], "--replication-listen")
+        if replication.get("insecure_replication") != "1":
+            from . import keys as keyfiles
+
+            keyfiles.load(replication.get("key_dir") or keyfiles.default_key_dir())  # refuse now, clearly
     if threads < 1 or threads > 1024:
         raise BadInput(f"invalid --threads {threads}: use 1-1024")
     nbdkit = shutil.which("nbdkit")
@@ -142,6 +162,10 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
     lock_fd = datadir.lock()
     if metrics is not None:
         check_port_free(*metrics, "metrics")
+    if "replication_listen" in replication:
+        host, _, port = replication["replication_listen"][6:].rpartition(":")
+        host = host.strip("[]")
+        check_port_free("0.0.0.0" if host == "*" else host, int(port), "replication")
     catalog = datadir.catalog()
     try:
         count = catalog.count_volumes()
@@ -151,7 +175,7 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
     if listen[0] == "unix":
         clear_stale_socket(listen[1])
     os.set_inheritable(lock_fd, True)
-    cmd = build_command(datadir.path, listen, threads, lock_fd, nbdkit, verbose, metrics)
+    cmd = build_command(datadir.path, listen, threads, lock_fd, nbdkit, verbose, metrics, replication)
     env = dict(os.environ)
     env["PYTHONPATH"] = python_path()
     env["NUMBA_CACHE_DIR"] = jitcache.ensure()  # one shared JIT cache: nbdkit must not recompile
@@ -165,5 +189,8 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
     if metrics is not None:
         host = f"[{metrics[0]}]" if ":" in metrics[0] else metrics[0]
         print(f"metrics http://{host}:{metrics[1]}/metrics", file=out)
+    if "replication_listen" in replication:
+        mode = "insecure (no CurveZMQ)" if replication.get("insecure_replication") == "1" else "CurveZMQ"
+        print(f"replication sink {replication['replication_listen']} ({mode})", file=out)
     out.flush()
     os.execve(nbdkit, cmd, env)

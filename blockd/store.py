@@ -89,6 +89,7 @@ class ChunkStore:
         self.intent = IntentLog(files, os.path.join(root, INTENT_FILE))
         self.failed = None  # reason, once durability can no longer be trusted
         self.recovered_chunks = 0
+        self.recovered = []
 
     # ---- open / recovery -------------------------------------------------
     def open(self):
@@ -126,6 +127,7 @@ class ChunkStore:
         self.intent.chunks = set()
         self.intent.rewrite()
         self.recovered_chunks = len(chunk_indexes)
+        self.recovered = list(chunk_indexes)  # replication resyncs these too: a crash may have split the copies
 
     # ---- paths and descriptors -------------------------------------------
     def _chunk_path(self, chunk_index):

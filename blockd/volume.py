@@ -60,6 +60,7 @@ class Volume:
         self.checksum_errors = 0
         self.gone = None  # reason, once the volume was deleted under its connections (delete --force)
         self.qos = None  # qos.Admission when the volume's type or caps throttle it
+        self.replication = None  # replication.VolumeReplication for a replicated primary
 
     # ---- helpers -----------------------------------------------------------
     def _check_range(self, offset, length):
@@ -161,17 +162,24 @@ class Volume:
             qos.admit(offset, length)
         start = offset & _MASK
         end = (offset + length + BLOCK_SIZE - 1) & _MASK
+        repl = self.replication
+        ticket = None
         held = self._locks.acquire(start, end, True)
         try:
             if start == offset and end == offset + length:
                 data = np.frombuffer(buf, dtype=np.uint8)
             else:
                 data = self._merge_edges(buf, offset, start, end)
+            if repl is not None:
+                # Sent under the range lock: overlapping writes reach every copy in the order applied here.
+                ticket = repl.send_write(start, data, fua)
             touched = self._write_blocks(data, start)
         finally:
             self._locks.release(held)
         if fua:
             self.store.sync_chunks(touched)
+        if ticket is not None:
+            repl.wait(ticket)
 
     def _merge_edges(self, buf, offset, start, end):
         """Widen an unaligned write to whole blocks: read (and verify) head and tail."""
@@ -288,13 +296,19 @@ class Volume:
         last = (offset + length) & _MASK
         if last <= first:
             return
+        repl = self.replication
+        ticket = None
         held = self._locks.acquire(first, last, True)
         try:
+            if repl is not None:
+                ticket = repl.send_range("trim", offset, length, fua)
             touched = self._punch_blocks(first, last)
         finally:
             self._locks.release(held)
         if fua:
             self.store.sync_chunks(touched)
+        if ticket is not None:
+            repl.wait(ticket)
 
     def zero(self, offset, length, fua=False):
         """Make the range read as zeros: whole blocks are punched, edges rewritten."""
@@ -306,8 +320,12 @@ class Volume:
         end = (offset + length + BLOCK_SIZE - 1) & _MASK
         first = (offset + BLOCK_SIZE - 1) & _MASK
         last = (offset + length) & _MASK
+        repl = self.replication
+        ticket = None
         held = self._locks.acquire(start, end, True)
         try:
+            if repl is not None:
+                ticket = repl.send_range("zero", offset, length, fua)
             touched = []
             if last > first:
                 touched += self._punch_blocks(first, last)
@@ -325,6 +343,8 @@ class Volume:
             self._locks.release(held)
         if fua:
             self.store.sync_chunks(touched)
+        if ticket is not None:
+            repl.wait(ticket)
 
     def _punch_blocks(self, first, last):
         segs = segments(first, last - first, self.chunk_size)
@@ -339,7 +359,33 @@ class Volume:
 
     # ---- flush / status ----------------------------------------------------
     def flush(self):
+        repl = self.replication
+        ticket = repl.send_flush() if repl is not None else None
         self.store.flush()
+        if ticket is not None:
+            repl.wait(ticket)
+
+    # ---- for replication: locked ranges, checksums, reads under a held lock ----
+    def lock_range(self, start, end, exclusive=True):
+        return self._locks.acquire(start, end, exclusive)
+
+    def unlock_range(self, held):
+        self._locks.release(held)
+
+    def block_sums(self, offset, length):
+        """Checksums (xxh64) of the whole blocks in [offset, offset+length), as a new array."""
+        out = np.empty(length // BLOCK_SIZE, dtype=np.uint64)
+        pos = 0
+        for seg in segments(offset, length, self.chunk_size):
+            first = seg.chunk_offset // BLOCK_SIZE
+            n = seg.length // BLOCK_SIZE
+            out[pos : pos + n] = self.store.sums(seg.chunk_index)[first : first + n]
+            pos += n
+        return out
+
+    def read_locked(self, buf, offset):
+        """Read and verify whole blocks while the caller holds the range lock."""
+        self._read_blocks(memoryview(buf).cast("B"), offset)
 
     def cache(self, offset, length):
         """Prefetch: ask the kernel to read the chunks ahead (advisory)."""

@@ -1,0 +1,917 @@
+"""Synchronous replication over ZeroMQ: links to peers, write quorum, resync, and the sink.
+
+Primary side, per peer: one ``PeerLink`` thread owns a DEALER socket (zmq
+sockets are not thread-safe); request threads hand it messages through a
+queue and a wake-up pipe, and it matches ACK/NACK replies to what it sent.
+A message not answered within the ack deadline, or a reply the link cannot
+use, fails every message in flight on that link: the socket is closed with
+LINGER 0 and a new one is connected, probed with heartbeats.
+
+Per replicated volume, a ``VolumeReplication`` keeps each peer's state
+(replproto.ReplicaState), a durable resync bitmap per peer (the chunks it
+missed; separate from the volume's write-intent log, which flush clears),
+and answers ``wait(ticket)``: a write is acknowledged when ``min_copies``
+copies, this one included, have it; below that it waits (never acknowledged
+with fewer copies than promised) and fails with EIO after the write
+timeout.  When a peer answers again its bitmap's chunks are resynced
+(chunks whose checksums already match are skipped), throttled, and it is in
+sync again.
+
+Replica side, ``Sink``: a ROUTER socket (CurveZMQ with a ZAP authenticator
+that admits only configured peers' keys, unless insecure) applying messages
+to local replica volumes in arrival order, verifying checksums on receipt.
+Malformed messages are refused, counted and logged; the sink keeps running.
+"""
+
+import collections
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import zmq
+
+from . import checksum, replproto as rp
+from .errors import BadInput, BlockdError, NotFound, Refused, VolumeFailed
+from .geometry import BLOCK_SIZE
+from .intent import IntentLog
+
+DEFAULT_ACK_TIMEOUT = 2.0
+DEFAULT_WRITE_TIMEOUT = 30.0
+DEFAULT_HEARTBEAT = 0.5
+DEFAULT_RESYNC_MIBPS = 256.0
+RECONNECT_DELAY = 0.2
+
+
+def log(line):
+    sys.stderr.write(f"blockd: replication: {line}\n")
+    sys.stderr.flush()
+
+
+class Settings:
+    def __init__(self, ack_timeout=DEFAULT_ACK_TIMEOUT, write_timeout=DEFAULT_WRITE_TIMEOUT,
+                 heartbeat=DEFAULT_HEARTBEAT, resync_mibps=DEFAULT_RESYNC_MIBPS, insecure=False):
+        self.ack_timeout = ack_timeout
+        self.write_timeout = write_timeout
+        self.heartbeat = heartbeat
+        self.resync_mibps = resync_mibps
+        self.insecure = insecure
+
+
+# ---- keys -------------------------------------------------------------------------------
+def curve_client(sock, keys, server_public):
+    public, secret = keys
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_serverkey = server_public.encode() if isinstance(server_public, str) else server_public
+
+
+# ---- the link to one peer ----------------------------------------------------------------
+class PeerLink:
+    """One peer: a DEALER socket owned by one thread; callbacks run on that thread."""
+
+    def __init__(self, ctx, name, address, public_key, keys, settings, on_up=None):
+        self.ctx = ctx
+        self.name = name
+        self.address = address
+        self.public_key = public_key
+        self.keys = keys
+        self.settings = settings
+        self.on_up = on_up  # called (on the link thread) when the peer answers again after a failure
+        self._queue = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._pending = collections.OrderedDict()  # (volume, seq) -> (deadline, callback)
+        self._sock = None
+        self._seq = 0
+        self.up = False
+        self.connecting = True  # until the first probe fails: queue instead of failing at once
+        self.failures = 0
+        self.sent = 0
+        self.acks = 0
+        self.ack_seconds = 0.0
+        self.bytes_sent = 0
+        self._last_io = 0.0
+        self._probe = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=f"blockd-link-{name}", daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop = True
+        self._wakeup()
+
+    # -- called from any thread --
+    def send(self, msg, callback):
+        """Queue ``msg``; ``callback(ok, reply_or_reason)`` runs on the link thread."""
+        self._queue.append((msg, callback, time.monotonic()))
+        self._wakeup()
+
+    def _wakeup(self):
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def next_seq(self):
+        self._seq += 1
+        return self._seq
+
+    # -- the link thread --
+    def _connect(self):
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if not self.settings.insecure:
+            curve_client(sock, self.keys, self.public_key)
+        sock.connect(self.address)
+        self._sock = sock
+        self._probe = None
+        self._last_io = time.monotonic()
+
+    def _fail_all(self, reason):
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        was_up = self.up
+        self.up = False
+        self.connecting = False
+        self.failures += 1
+        pending = list(self._pending.values())
+        self._pending.clear()
+        queued = list(self._queue)
+        self._queue.clear()
+        for _, callback, _ in pending:
+            callback(False, reason)
+        for _, callback, _ in queued:
+            callback(False, reason)
+        if was_up:
+            log(f"peer {self.name} ({self.address}): {reason}")
+
+    def _run(self):
+        poller = zmq.Poller()
+        while not self._stop:
+            if self._sock is None:
+                self._connect()
+                poller = zmq.Poller()
+                poller.register(self._sock, zmq.POLLIN)
+                poller.register(self._wake_r, zmq.POLLIN)
+            now = time.monotonic()
+            # Queued messages go out while the peer answers; while first connecting they
+            # wait (up to the ack deadline); once it has failed they fail at once.
+            while self._queue:
+                msg, callback, queued_at = self._queue[0]
+                if not self.up:
+                    if self.connecting and now - queued_at < self.settings.ack_timeout:
+                        break
+                    self._queue.popleft()
+                    callback(False, "peer not connected")
+                    continue
+                self._queue.popleft()
+                self._pending[(msg.volume, msg.seq)] = (now + self.settings.ack_timeout, callback, now)
+                try:
+                    self._sock.send_multipart(rp.encode(msg), copy=False)
+                except zmq.ZMQError as exc:
+                    self._fail_all(f"send failed: {exc}")
+                    break
+                self.sent += 1
+                self.bytes_sent += len(msg.data)
+            if self._sock is None:
+                continue
+            # Probe (heartbeat) when idle or not yet up.
+            if self._probe is None and (not self.up or now - self._last_io >= self.settings.heartbeat):
+                seq = self.next_seq()
+                hb = rp.Message(rp.HEARTBEAT, volume=0, seq=seq)
+                self._probe = (0, seq)
+                self._pending[self._probe] = (now + self.settings.ack_timeout, self._probe_done, now)
+                try:
+                    self._sock.send_multipart(rp.encode(hb), copy=False)
+                except zmq.ZMQError as exc:
+                    self._fail_all(f"heartbeat failed: {exc}")
+                    continue
+                self._last_io = now
+            # Deadlines
+            if self._pending:
+                deadline = min(d for d, _, _ in self._pending.values())
+                if now >= deadline:
+                    if self.up:
+                        self._fail_all(f"no answer within {self.settings.ack_timeout:g} s")
+                    else:
+                        # Not up yet: the probe timed out; reconnect quietly and probe again.
+                        self._fail_all("peer unreachable")
+                        time.sleep(min(RECONNECT_DELAY, self.settings.ack_timeout))
+                    continue
+                timeout_ms = max(1, int((deadline - now) * 1000))
+            else:
+                timeout_ms = max(1, int(self.settings.heartbeat * 1000))
+            if self._queue and not self.up:
+                timeout_ms = min(timeout_ms, 20)  # re-check queued messages' deadlines
+            events = dict(poller.poll(timeout_ms))
+            if self._wake_r in events:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            if self._sock is not None and self._sock in events:
+                self._drain()
+
+    def _drain(self):
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                self._fail_all(f"receive failed: {exc}")
+                return
+            self._last_io = time.monotonic()
+            try:
+                msg = rp.decode(frames)
+            except rp.ProtocolError as exc:
+                self._fail_all(f"malformed reply: {exc}")
+                return
+            entry = self._pending.pop((msg.volume, msg.seq), None)
+            if entry is None:
+                continue  # a late answer to something already failed
+            _, callback, sent_at = entry
+            self.acks += 1
+            self.ack_seconds += self._last_io - sent_at
+            callback(msg.type == rp.ACK, msg)
+
+    def _probe_done(self, ok, reply):
+        self._probe = None
+        if ok and not self.up:
+            self.up = True
+            log(f"peer {self.name} ({self.address}) answers")
+            if self.on_up:
+                self.on_up(self)
+
+
+# ---- tickets: one replicated request waiting for its quorum --------------------------------------
+class Ticket:
+    __slots__ = ("chunks", "acked", "failed", "done")
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+        self.acked = set()  # peers that acknowledged
+        self.failed = {}  # peer -> its sync generation when it failed this request
+        self.done = False
+
+
+class PeerState:
+    __slots__ = ("link", "peer_id", "state", "bitmap", "generation", "resync_thread", "resync_total",
+                 "resync_done", "resynced_bytes", "skipped_chunks", "seeded", "unflushed")
+
+    def __init__(self, link, peer_id, state, bitmap, seeded):
+        self.link = link
+        self.peer_id = peer_id
+        self.state = rp.ReplicaState(state)
+        self.bitmap = bitmap
+        self.generation = 0  # bumped each time it becomes in sync
+        self.resync_thread = None
+        self.resync_total = 0
+        self.resync_done = 0
+        self.resynced_bytes = 0
+        self.skipped_chunks = 0
+        self.seeded = seeded
+        self.unflushed = set()  # chunks it acknowledged since its last acknowledged flush
+
+
+class VolumeReplication:
+    """The primary side of one replicated volume."""
+
+    def __init__(self, manager, volume, row, peers):
+        self.manager = manager
+        self.volume = volume
+        self.repl_id = row["repl_id"]
+        self.epoch = row["epoch"]
+        self.min_copies = row["min_copies"]
+        self.settings = manager.settings
+        self._cond = threading.Condition()
+        self._seq = 0
+        self.peers = {}  # name -> PeerState
+        self.fenced = False
+        for p in peers:
+            bitmap = IntentLog(manager.files, manager.datadir.resync_path(volume.volume_id, p["name"]))
+            bitmap.load()
+            # A peer with missed chunks on record starts out of sync; others are assumed in sync
+            # until their first request says otherwise (the CREATE handshake checks).
+            if volume.store.recovered:
+                # Chunks dirty when this node crashed may differ between the copies.
+                bitmap.add(volume.store.recovered)
+            state = rp.OUT_OF_SYNC if bitmap.chunks else rp.IN_SYNC
+            self.peers[p["name"]] = PeerState(manager.link(p), p["peer_id"], state, bitmap, bool(p["seeded"]))
+
+    # -- handshake ---------------------------------------------------------------------
+    def _info(self):
+        row = self.manager.catalog.volume_by_repl_id(self.repl_id)
+        return {"name": row["name"], "size": row["size"], "type": row["type"], "chunk_size": row["chunk_size"],
+                "min_copies": row["min_copies"]}
+
+    def create_on_peers(self):
+        """Queue CREATE to every peer (first on each link, so before any write); answers handled as they come."""
+        info = self._info()
+        for name, ps in self.peers.items():
+            self._create_one(name, ps, info)
+
+    def _create_one(self, name, ps, info):
+        def answered(ok, reply):
+            if not ok:
+                reason = reply
+                if isinstance(reply, rp.Message):
+                    try:
+                        reason = reply.json().get("error")
+                    except rp.ProtocolError:
+                        reason = "refused"
+                self._missed(name, ps, set(), reason or "no answer to CREATE")
+                return
+            try:
+                state = reply.json()
+            except rp.ProtocolError:
+                state = {}
+            if state.get("created") and ps.seeded:
+                log(f"{self.volume.name}: peer {name} lost its copy: full resync")
+                self._missed(name, ps, self._all_chunks(), "copy lost")
+            elif not ps.seeded:
+                try:
+                    self.manager.catalog.set_seeded(self.volume.volume_id, ps.peer_id)
+                except Exception as exc:
+                    log(f"{self.volume.name}: recording {name} as seeded: {exc}")
+                ps.seeded = True
+            if ps.state.state == rp.OUT_OF_SYNC and ps.link.up:
+                self.start_resync(name)
+
+        msg = rp.json_message(rp.CREATE, info, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq())
+        ps.link.send(msg, answered)
+
+    def _all_chunks(self):
+        return set(self.volume.store.chunk_indexes()) | set(self.volume.store.dirty)
+
+    def _next_seq(self):
+        with self._cond:
+            self._seq += 1
+            return self._seq
+
+    # -- sending -----------------------------------------------------------------------
+    def _send(self, type_, offset, length, chunks, flags=0, sums=b"", data=b""):
+        """Send to every peer that receives writes; return the ticket to wait on."""
+        ticket = Ticket(chunks)
+        with self._cond:
+            if self.fenced:
+                raise VolumeFailed(f"{self.volume.name}: fenced: a newer primary holds epoch > {self.epoch}")
+            self._seq += 1
+            seq = self._seq
+            targets = []
+            for name, ps in self.peers.items():
+                if ps.state.receives_writes:
+                    targets.append((name, ps))
+                else:
+                    ticket.failed[name] = ps.generation
+        msg = rp.Message(type_, volume=self.repl_id, epoch=self.epoch, seq=seq, offset=offset, length=length,
+                         flags=flags, sums=sums, data=data)
+        for name, ps in targets:
+            at_risk = None
+            if type_ == rp.FLUSH:
+                with self._cond:
+                    at_risk, ps.unflushed = ps.unflushed, set()  # what this flush makes durable there
+            ps.link.send(msg, self._callback(ticket, name, ps, at_risk))
+        return ticket
+
+    def _callback(self, ticket, name, ps, at_risk=None):
+        def answered(ok, reply):
+            if ok:
+                with self._cond:
+                    if ps.state.counts:
+                        ticket.acked.add(name)
+                        ps.unflushed.update(ticket.chunks)
+                    else:
+                        ticket.failed[name] = ps.generation
+                    self._cond.notify_all()
+                return
+            chunks = set(ticket.chunks) | at_risk if at_risk else ticket.chunks
+            code = None
+            if isinstance(reply, rp.Message) and reply.type == rp.NACK:
+                try:
+                    code = reply.json().get("code")
+                except rp.ProtocolError:
+                    code = None
+            if code == "stale_epoch":
+                self._fence(name)
+            self._missed(name, ps, chunks, reply if isinstance(reply, str) else f"refused ({code})", ticket=ticket)
+
+        return answered
+
+    def _missed(self, name, ps, chunks, reason, ticket=None):
+        """The peer did not get something: record its chunks durably, mark it out of sync.
+
+        What it acknowledged but never flushed goes into the bitmap too: if
+        the peer's machine lost power, those writes are gone there.
+        """
+        with self._cond:
+            chunks = set(chunks) | ps.unflushed
+            ps.unflushed = set()
+        try:
+            if chunks:
+                ps.bitmap.add(sorted(chunks))
+        except OSError as exc:
+            log(f"{self.volume.name}: resync bitmap for {name}: {exc.strerror}")
+        with self._cond:
+            if ticket is not None:
+                ticket.failed[name] = ps.generation
+            if ps.state.state != rp.FENCED:
+                if ps.state.state != rp.OUT_OF_SYNC:
+                    log(f"{self.volume.name}: peer {name} out of sync: {reason}")
+                ps.state.on("missed")
+            self._cond.notify_all()
+
+    def _fence(self, name):
+        with self._cond:
+            self.fenced = True
+            self._cond.notify_all()
+        log(f"{self.volume.name}: peer {name} holds a newer epoch: this copy is fenced (writes refused)")
+
+    def send_write(self, offset, data, fua=False):
+        length = len(data)
+        sums = np.empty(length // BLOCK_SIZE, dtype=np.uint64)
+        checksum.hash_blocks(data, sums)
+        payload = bytes(memoryview(data).cast("B"))  # the one copy: nbdkit's buffer dies with the callback
+        return self._send(rp.WRITE, offset, length, self._chunks(offset, length), flags=rp.FUA if fua else 0,
+                          sums=sums.tobytes(), data=payload)
+
+    def send_range(self, kind, offset, length, fua=False):
+        type_ = rp.TRIM if kind == "trim" else rp.ZERO
+        return self._send(type_, offset, length, self._chunks(offset, length), flags=rp.FUA if fua else 0)
+
+    def send_flush(self):
+        return self._send(rp.FLUSH, 0, 0, set())
+
+    def _chunks(self, offset, length):
+        cs = self.volume.chunk_size
+        if length == 0:
+            return set()
+        return set(range(offset // cs, (offset + length - 1) // cs + 1))
+
+    # -- waiting for the quorum -------------------------------------------------------------
+    def _copies(self, ticket):
+        n = 1 + len(ticket.acked)
+        for name, gen in ticket.failed.items():
+            ps = self.peers[name]
+            if ps.state.counts and ps.generation > gen:
+                n += 1  # resynced since it missed this request: it holds it now
+        return n
+
+    def wait(self, ticket):
+        deadline = time.monotonic() + self.settings.write_timeout
+        with self._cond:
+            while True:
+                if self.fenced:
+                    raise VolumeFailed(f"{self.volume.name}: fenced: a newer primary holds epoch > {self.epoch}")
+                if self._copies(ticket) >= self.min_copies:
+                    ticket.done = True
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise VolumeFailed(
+                        f"{self.volume.name}: only {self._copies(ticket)} of the {self.min_copies} copies it needs "
+                        f"acknowledged within {self.settings.write_timeout:g} s"
+                    )
+                self._cond.wait(min(left, 0.5))
+
+    def set_min_copies(self, n):
+        with self._cond:
+            self.min_copies = n
+            self._cond.notify_all()
+
+    # -- resync ---------------------------------------------------------------------------
+    def peer_up(self, link):
+        for name, ps in self.peers.items():
+            if ps.link is link and ps.state.state == rp.OUT_OF_SYNC:
+                self._reconnect(name, ps)
+
+    def _reconnect(self, name, ps):
+        try:
+            info = self._info()
+        except Exception:
+            return  # deleted meanwhile
+        self._create_one(name, ps, info)
+
+    def start_resync(self, name):
+        ps = self.peers[name]
+        with self._cond:
+            if ps.resync_thread is not None or ps.state.state != rp.OUT_OF_SYNC:
+                return
+            ps.state.on("reconnected")
+            ps.resync_thread = threading.Thread(target=self._resync, args=(name, ps), daemon=True,
+                                                name=f"blockd-resync-{self.volume.name}-{name}")
+        ps.resync_thread.start()
+
+    def _request(self, ps, msg, timeout=None):
+        done = threading.Event()
+        out = {}
+
+        def answered(ok, reply):
+            out["ok"] = ok
+            out["reply"] = reply
+            done.set()
+
+        ps.link.send(msg, answered)
+        if not done.wait(timeout or self.settings.ack_timeout * 3):
+            return False, "timeout"
+        return out["ok"], out["reply"]
+
+    def _resync(self, name, ps):
+        volume = self.volume
+        cs = volume.chunk_size
+        chunks = sorted(ps.bitmap.chunks)
+        ps.resync_total = len(chunks)
+        ps.resync_done = 0
+        started = time.monotonic()
+        sent_bytes = 0
+        try:
+            log(f"{volume.name}: resyncing {len(chunks)} chunk(s) to {name}")
+            while True:
+                chunks = sorted(ps.bitmap.chunks)
+                if not chunks:
+                    break
+                for c in chunks:
+                    ok = self._resync_chunk(name, ps, c)
+                    if not ok:
+                        raise _ResyncAborted()
+                    ps.resync_done += 1
+                    sent_bytes += cs
+                    # Throttle: never faster than resync_mibps on average.
+                    ahead = sent_bytes / (self.settings.resync_mibps * 1024 * 1024) - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+            with self._cond:
+                if not ps.bitmap.chunks and ps.state.state == rp.RESYNCING:
+                    ps.state.on("resynced")
+                    ps.generation += 1
+                    self._cond.notify_all()
+                    log(f"{volume.name}: peer {name} in sync ({ps.resync_done} chunk(s), "
+                        f"{ps.skipped_chunks} already equal)")
+        except _ResyncAborted:
+            with self._cond:
+                if ps.state.state == rp.RESYNCING:
+                    ps.state.on("missed")
+                self._cond.notify_all()
+        finally:
+            ps.resync_thread = None
+
+    def _resync_chunk(self, name, ps, c):
+        volume = self.volume
+        cs = volume.chunk_size
+        offset = c * cs
+        length = min(cs, volume.size - offset)
+        if length <= 0:
+            ps.bitmap.remove([c])
+            return True
+        held = volume.lock_range(offset, offset + length)
+        try:
+            local_sums = volume.block_sums(offset, length)
+            ok, reply = self._request(ps, rp.Message(rp.SUMS, volume=self.repl_id, epoch=self.epoch,
+                                                     seq=self._next_seq(), offset=offset, length=length))
+            if not ok:
+                return False
+            if bytes(reply.sums) == local_sums.tobytes():
+                ps.skipped_chunks += 1
+            else:
+                data = np.empty(length, dtype=np.uint8)
+                volume.read_locked(data, offset)
+                ok, reply = self._request(
+                    ps,
+                    rp.Message(rp.RESYNC, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq(),
+                               offset=offset, length=length, flags=rp.FUA, sums=local_sums.tobytes(),
+                               data=data.tobytes()),
+                    timeout=max(self.settings.ack_timeout * 3, 10.0),
+                )
+                if not ok:
+                    return False
+                ps.resynced_bytes += length
+        finally:
+            volume.unlock_range(held)
+        ps.bitmap.remove([c])
+        return True
+
+    # -- inspection ----------------------------------------------------------------------------
+    def status(self):
+        with self._cond:
+            return {
+                "repl_id": self.repl_id,
+                "epoch": self.epoch,
+                "min_copies": self.min_copies,
+                "fenced": self.fenced,
+                "peers": {
+                    name: {
+                        "state": ps.state.state,
+                        "connected": ps.link.up,
+                        "address": ps.link.address,
+                        "resync_remaining_chunks": len(ps.bitmap.chunks),
+                        "resync_remaining_bytes": len(ps.bitmap.chunks) * self.volume.chunk_size,
+                        "resync_done_chunks": ps.resync_done,
+                        "resync_total_chunks": ps.resync_total,
+                        "resynced_bytes": ps.resynced_bytes,
+                        "skipped_chunks": ps.skipped_chunks,
+                    }
+                    for name, ps in self.peers.items()
+                },
+            }
+
+    def verify(self):
+        """Compare every block's checksum with every peer's; returns {peer: [differing offsets]}."""
+        volume = self.volume
+        ticket = self.send_flush()
+        self.wait(ticket)
+        out = {}
+        cs = volume.chunk_size
+        for name, ps in self.peers.items():
+            diffs = []
+            for offset in range(0, volume.size, cs):
+                length = min(cs, volume.size - offset)
+                held = volume.lock_range(offset, offset + length, exclusive=False)
+                try:
+                    local = volume.block_sums(offset, length)
+                    ok, reply = self._request(ps, rp.Message(rp.SUMS, volume=self.repl_id, epoch=self.epoch,
+                                                             seq=self._next_seq(), offset=offset, length=length))
+                finally:
+                    volume.unlock_range(held)
+                if not ok:
+                    raise Refused(f"{volume.name}: peer {name} did not answer verify: {reply}")
+                remote = np.frombuffer(bytes(reply.sums), dtype=np.uint64)
+                if remote.shape != local.shape:
+                    diffs.append(offset)
+                    continue
+                for i in np.nonzero(remote != local)[0]:
+                    diffs.append(offset + int(i) * BLOCK_SIZE)
+            out[name] = diffs
+        return out
+
+
+class _ResyncAborted(Exception):
+    pass
+
+
+# ---- the node-level manager -----------------------------------------------------------------------
+class Manager:
+    """Links to peers and the replication of every open replicated volume on this node."""
+
+    def __init__(self, engine, keys, settings):
+        self.engine = engine
+        self.catalog = engine.catalog
+        self.datadir = engine.datadir
+        self.files = engine.files
+        self.keys = keys
+        self.settings = settings
+        self._links = {}
+        self._volumes = {}  # volume id -> VolumeReplication
+        self._lock = threading.Lock()
+
+    def link(self, peer):
+        with self._lock:
+            link = self._links.get(peer["name"])
+            if link is None:
+                if not self.settings.insecure and not peer["public_key"]:
+                    raise Refused(f"peer {peer['name']} has no public key (add one, or serve with --insecure-replication)")
+                link = PeerLink(zmq.Context.instance(), peer["name"], peer["address"], peer["public_key"], self.keys, self.settings,
+                                on_up=self._peer_up).start()
+                self._links[peer["name"]] = link
+            return link
+
+    def _peer_up(self, link):
+        with self._lock:
+            volumes = list(self._volumes.values())
+        for vr in volumes:
+            vr.peer_up(link)
+
+    def attach(self, volume, row):
+        """Called by the engine when it opens a replicated primary volume."""
+        peers = self.catalog.volume_replicas(row["id"])
+        vr = VolumeReplication(self, volume, row, peers)
+        with self._lock:
+            self._volumes[volume.volume_id] = vr
+        volume.replication = vr
+        vr.create_on_peers()
+        return vr
+
+    def detach(self, volume):
+        with self._lock:
+            self._volumes.pop(volume.volume_id, None)
+
+    def volume(self, volume_id):
+        with self._lock:
+            return self._volumes.get(volume_id)
+
+    def links(self):
+        with self._lock:
+            return dict(self._links)
+
+
+# ---- the sink (replica side) ---------------------------------------------------------------------
+class Sink:
+    """ROUTER socket applying replication messages to this node's replica volumes."""
+
+    def __init__(self, engine, address, keys, settings, allowed_keys):
+        self.engine = engine
+        self.catalog = engine.catalog
+        self.address = address
+        self.keys = keys
+        self.settings = settings
+        self.allowed = set(allowed_keys)
+        self.ctx = None  # created in start(), after nbdkit forks
+        self.refused = collections.Counter()  # reason -> count
+        self.applied = collections.Counter()  # type name -> count
+        self.applied_seq = {}  # repl_id -> last seq applied
+        self._volumes = {}  # repl_id -> Volume (opened for the sink)
+        self._auth = None
+        self._sock = None
+
+    def start(self):
+        self.ctx = zmq.Context.instance()
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if not self.settings.insecure:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self.ctx, log=_NullLog())
+            self._auth.start()
+            self._auth.configure_curve_callback(domain="blockd", credentials_provider=self)
+            sock.curve_server = True
+            sock.curve_publickey, sock.curve_secretkey = self.keys
+            sock.zap_domain = b"blockd"
+        sock.bind(self.address)
+        self._sock = sock
+        threading.Thread(target=self._run, name="blockd-sink", daemon=True).start()
+        return self
+
+    # ZAP credentials provider (zmq.auth callback protocol)
+    def callback(self, domain, key):
+        text = key.decode() if isinstance(key, bytes) else key
+        if text not in self.allowed:
+            # A peer added since start: look again (a rare path: only unknown keys get here).
+            try:
+                self.allowed = {p["public_key"] for p in self.catalog.peers() if p["public_key"]}
+            except Exception:
+                pass
+        if text in self.allowed:
+            return True
+        self.refused["unknown_key"] += 1
+        log(f"sink: refused a connection with unknown CURVE key {text[:8]}...")
+        return False
+
+    def _run(self):
+        while True:
+            try:
+                frames = self._sock.recv_multipart(copy=True)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.ETERM:
+                    return
+                continue
+            if len(frames) < 2:
+                self.refused["malformed"] += 1
+                continue
+            ident, body = frames[0], frames[1:]
+            try:
+                msg = rp.decode(body)
+            except rp.ProtocolError as exc:
+                self.refused["malformed"] += 1
+                log(f"sink: refused a malformed message: {exc}")
+                self._reply(ident, rp.json_message(rp.NACK, {"error": str(exc), "code": "malformed"}))
+                continue
+            try:
+                reply = self._handle(msg)
+            except rp.ProtocolError as exc:
+                self.refused["malformed"] += 1
+                reply = self._nack(msg, str(exc), "malformed")
+            except _Refuse as exc:
+                self.refused[exc.code] += 1
+                log(f"sink: refused {rp.NAMES[msg.type]} for volume {msg.volume}: {exc}")
+                reply = self._nack(msg, str(exc), exc.code)
+            except BlockdError as exc:
+                self.refused["error"] += 1
+                reply = self._nack(msg, str(exc), "error")
+            except Exception as exc:  # a bug: answer, log, keep serving
+                self.refused["error"] += 1
+                log(f"sink: {rp.NAMES.get(msg.type)}: {type(exc).__name__}: {exc}")
+                reply = self._nack(msg, f"internal error: {exc}", "error")
+            self._reply(ident, reply)
+
+    def _reply(self, ident, msg):
+        try:
+            self._sock.send_multipart([ident, *rp.encode(msg)], copy=False)
+        except zmq.ZMQError:
+            pass
+
+    def _nack(self, msg, error, code):
+        return rp.json_message(rp.NACK, {"error": error, "code": code}, volume=msg.volume, seq=msg.seq,
+                               epoch=msg.epoch)
+
+    def _ack(self, msg, sums=b"", data=b""):
+        return rp.Message(rp.ACK, volume=msg.volume, epoch=msg.epoch, seq=msg.seq, offset=msg.offset,
+                          length=len(data), sums=sums, data=data)
+
+    def _volume(self, msg):
+        row = self.catalog.volume_by_repl_id(msg.volume)
+        if row is None:
+            raise _Refuse(f"no replica with replication id {msg.volume} here", "unknown_volume")
+        if msg.epoch < row["epoch"]:
+            raise _Refuse(f"stale epoch {msg.epoch}: this copy is at epoch {row['epoch']}", "stale_epoch")
+        if row["role"] != "replica":
+            raise _Refuse(f"volume {row['name']} is a primary here (epoch {row['epoch']})", "not_replica")
+        if msg.epoch > row["epoch"]:
+            self.catalog.set_epoch_role(row["id"], msg.epoch, "replica")
+        volume = self._volumes.get(msg.volume)
+        if volume is None:
+            volume = self.engine.open(row["name"], replica=True)
+            self._volumes[msg.volume] = volume
+        return volume
+
+    def _handle(self, msg):
+        t = msg.type
+        if t == rp.HEARTBEAT:
+            return self._ack(msg)
+        if t == rp.CREATE:
+            return self._create(msg)
+        volume = self._volume(msg)
+        if t == rp.WRITE or t == rp.RESYNC:
+            data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
+            got = np.empty(len(data) // BLOCK_SIZE, dtype=np.uint64)
+            checksum.hash_blocks(data, got)
+            if got.tobytes() != bytes(msg.sums):
+                raise _Refuse("checksum mismatch on receipt: refused corrupt data", "corrupt")
+            if msg.offset + msg.length > volume.size:
+                raise _Refuse(f"write past the end ({volume.size} bytes)", "range")
+            volume.write(data, msg.offset, bool(msg.flags & rp.FUA))
+        elif t == rp.TRIM:
+            volume.trim(msg.offset, msg.length, bool(msg.flags & rp.FUA))
+        elif t == rp.ZERO:
+            volume.zero(msg.offset, msg.length, bool(msg.flags & rp.FUA))
+        elif t == rp.FLUSH:
+            volume.flush()
+        elif t == rp.SUMS:
+            if msg.offset + msg.length > volume.size:
+                raise _Refuse("range past the end", "range")
+            return self._ack(msg, sums=volume.block_sums(msg.offset, msg.length).tobytes())
+        elif t == rp.READ:
+            data = np.empty(msg.length, dtype=np.uint8)
+            volume.read(data, msg.offset)
+            return self._ack(msg, sums=volume.block_sums(msg.offset, msg.length).tobytes(), data=data.tobytes())
+        else:
+            raise _Refuse(f"{rp.NAMES[t]} is not accepted by a sink", "unexpected")
+        self.applied[rp.NAMES[t]] += 1
+        self.applied_seq[msg.volume] = max(self.applied_seq.get(msg.volume, 0), msg.seq)
+        return self._ack(msg)
+
+    def _create(self, msg):
+        info = msg.json()
+        for key in ("name", "size", "type", "chunk_size"):
+            if key not in info:
+                raise rp.ProtocolError(f"CREATE: missing {key}")
+        row = self.catalog.volume_by_repl_id(msg.volume)
+        created = False
+        if row is None:
+            pool = self.catalog.pool()
+            if info["chunk_size"] != pool["chunk_size"]:
+                raise _Refuse(f"chunk size {info['chunk_size']} differs from this pool's {pool['chunk_size']}",
+                              "chunk_size")
+            try:
+                row = self.catalog.create_replica(info["name"], int(info["size"]), info["type"], msg.volume,
+                                                  msg.epoch, int(info.get("min_copies", 1)))
+            except (BadInput, Refused, NotFound) as exc:
+                raise _Refuse(str(exc), "create") from None
+            created = True
+        else:
+            if msg.epoch < row["epoch"]:
+                raise _Refuse(f"stale epoch {msg.epoch}: this copy is at epoch {row['epoch']}", "stale_epoch")
+            if int(info["size"]) > row["size"]:
+                self.catalog.resize_volume(row["name"], int(info["size"]))
+                volume = self._volumes.get(msg.volume)
+                if volume is not None:
+                    volume.size = int(info["size"])
+        reply = {"created": created, "epoch": row["epoch"], "role": row["role"],
+                 "applied_seq": self.applied_seq.get(msg.volume, 0)}
+        return rp.json_message(rp.ACK, reply, volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
+
+    def status(self):
+        return {"address": self.address, "refused": dict(self.refused), "applied": dict(self.applied),
+                "volumes": len(self._volumes)}
+
+
+class _Refuse(Exception):
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class _NullLog:
+    def debug(self, *a, **k):
+        pass
+
+    info = warning = error = exception = debug
