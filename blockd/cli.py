@@ -669,7 +669,7 @@ def cmd_keys_generate(args):
         _print({"key_dir": key_dir, "public_key": public})
     else:
         print(f"public key {public}")
-        print(f"(in {key_dir}; give it to peers: blockd peer add NAME tcp://HOST:PORT --public-key {public})")
+        print(f"(in {key_dir}; give it to peers: blockd peer add NAME tcp://HOST:PORT --public-key='{public}')")
 
 
 def cmd_keys_show(args):
@@ -1083,9 +1083,24 @@ def _bytes_bar(total, name):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"scrub {name}", **_bar_shape())
 
 
+def _join_key_values(argv):
+    """``--public-key KEY`` where a Z85 key starts with '-' would look like an option to argparse."""
+    out = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--public-key" and i + 1 < len(argv):
+            out.append(f"--public-key={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv=None):
     parser = build_parser()
     try:
+        argv = _join_key_values(list(sys.argv[1:] if argv is None else argv))
         args = parser.parse_args(argv)
         return args.func(args) or 0
     except BlockdError as exc:

@@ -72,9 +72,10 @@ class _ShortPath:
 class ControlServer:
     """Listens on the control socket in a daemon thread; one thread per request."""
 
-    def __init__(self, datadir_path, engine, log=None, metrics=None):
+    def __init__(self, datadir_path, engine, log=None, metrics=None, sink=None):
         self.path = socket_path(datadir_path)
         self.engine = engine
+        self.sink = sink  # the replication sink, if this node runs one
         self.metrics = metrics  # HOST:PORT of the metrics endpoint, if any (for `blockd status`)
         self.log = log or (lambda line: sys.stderr.write(f"blockd: control: {line}\n"))
         self.malformed = 0
@@ -241,6 +242,11 @@ class ControlServer:
         self.engine.set_min_copies(name, _int(request, "min_copies"))
         return self.engine.replication_status(name)
 
+    def _op_sink(self, request, emit):
+        if self.sink is None:
+            raise BadInput("this server runs no replication sink (--replication-listen)")
+        return self.sink.status()
+
     def _op_verify(self, request, emit):
         name = _name(request)
         return {"name": name, "differences": self.engine.verify(name)}
@@ -248,6 +254,7 @@ class ControlServer:
 
 _OPS = {
     "replication": ControlServer._op_replication,
+    "sink": ControlServer._op_sink,
     "set-min-copies": ControlServer._op_set_min_copies,
     "verify": ControlServer._op_verify,
     "qos": ControlServer._op_qos,

@@ -127,17 +127,16 @@ def _setup_replication(datadir):
 
 def after_fork():
     """Threads (control, replication, metrics) start here, never before nbdkit forks."""
-    global _control
+    global _control, _sink
     if _metrics is not None:
         _metrics.serve(*_metrics_address())
     if "replication_listen" in _config:
-        global _sink
         from .replication import Sink
 
         manager = _engine.replication
         allowed = [p["public_key"] for p in _engine.catalog.peers() if p["public_key"]]
         _sink = Sink(_engine, _config["replication_listen"], manager.keys, manager.settings, allowed).start()
-    _control = ControlServer(_engine.datadir.path, _engine, metrics=_config.get("metrics")).start()
+    _control = ControlServer(_engine.datadir.path, _engine, metrics=_config.get("metrics"), sink=_sink).start()
     threading.Thread(target=_persist_qos_loop, name="blockd-qos-persist", daemon=True).start()
     quit_fd = find_quit_pipe()
     if quit_fd is not None:

@@ -105,8 +105,11 @@ def check_port_free(host, port, what):
     """Refuse before starting anything if another process listens there (one clear line, not a traceback)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     probe = socket.socket(family, socket.SOCK_STREAM)
+    # As the real listeners do: a restart must not be refused for old connections in TIME_WAIT.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.bind((host, port))
+        probe.listen(1)
     except OSError as exc:
         raise Refused(f"cannot listen for {what} on {host}:{port}: {exc.strerror}") from None
     finally:

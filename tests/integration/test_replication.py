@@ -1,0 +1,357 @@
+"""Replication between real `blockd serve` processes on loopback: real ZeroMQ, CURVE, SIGKILL.
+
+Each node has its own data dir, key dir, NBD unix socket and replication
+port.  Ack deadlines are set short (1 s) so failures are detected quickly.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import nbd
+import pytest
+import zmq
+
+from blockd import keys as keyfiles
+from blockd import replproto as rp
+from conftest import Server, run_cli, wait_for
+
+MiB = 1 << 20
+CHUNK = 4 * MiB
+ACK = "1"
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def js(proc):
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    return json.loads(proc.stdout)
+
+
+class Node:
+    def __init__(self, root, sock_dir, name):
+        self.name = name
+        self.data = os.path.join(root, f"data-{name}")
+        self.key_dir = os.path.join(root, f"keys-{name}")
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        run_cli("keys", "generate", "--key-dir", self.key_dir, check=True)
+        self.public = keyfiles.load_public(self.key_dir)
+        run_cli("volume", "create", f"local-{name}", "--size", "1MiB", data_dir=self.data, check=True)
+        self.server = Server(self.data, os.path.join(sock_dir, f"{name}.sock"), extra=[
+            "--key-dir", self.key_dir, "--replication-listen", self.address, "--ack-timeout", ACK,
+            "--heartbeat", "0.2", "--write-timeout", "60",
+        ])
+
+    def cli(self, *args, **kw):
+        return run_cli(*args, data_dir=self.data, **kw)
+
+    def start(self):
+        self.server.start()
+        return self
+
+    def connect(self, volume):
+        return self.server.connect(volume)
+
+
+@pytest.fixture
+def cluster(tmp_path, sock_dir):
+    nodes = []
+
+    def make(n):
+        made = [Node(str(tmp_path), sock_dir, name) for name in "abc"[:n]]
+        for node in made:
+            for other in made:
+                if other is not node:
+                    node.cli("peer", "add", other.name, other.address, "--public-key", other.public, check=True)
+        nodes.extend(made)
+        return made
+
+    yield make
+    for node in nodes:
+        node.server.stop(9)
+
+
+def replication(node, volume):
+    return js(node.cli("volume", "show", volume, "--json"))["replication"]
+
+
+def wait_in_sync(node, volume, timeout=60):
+    def ok():
+        peers = replication(node, volume)["peers"]
+        return all(p["state"] == "in_sync" and not p.get("resync_remaining_chunks") for p in peers.values())
+
+    wait_for(ok, timeout, interval=0.1, what=f"{volume} in sync on every peer")
+
+
+def verify(node, volume):
+    out = node.cli("verify", volume, "--json", timeout=300)
+    assert out.returncode in (0, 1), out.stderr
+    return json.loads(out.stdout)
+
+
+def test_fio_verify_through_the_primary_then_copies_are_identical(cluster):
+    if shutil.which("fio") is None:
+        pytest.skip("fio not installed")
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
+    b.start()
+    a.start()
+    hold = a.connect("v")
+    proc = subprocess.run(
+        ["fio", "--name=r", "--ioengine=nbd", f"--uri={a.server.uri('v')}", "--rw=randwrite",
+         "--bssplit=4k/60:64k/30:1m/10", "--size=48M", "--iodepth=16", "--numjobs=2", "--offset_increment=16M",
+         "--verify=crc32c", "--randseed=7", "--output-format=json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # Overlapping writes from many threads at once: the same order on both copies.
+    errors = []
+
+    def writer(seed):
+        h = a.connect("v")
+        try:
+            for i in range(60):
+                off = ((seed * 7919 + i * 104729) % 64) * 4096 + 8 * MiB
+                h.pwrite(bytes([seed + i & 0xFF]) * 12288, off)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+        finally:
+            h.shutdown()
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    hold.trim(2 * MiB, 20 * MiB)
+    hold.zero(1 * MiB, 30 * MiB + 512)
+    hold.flush()
+    result = verify(a, "v")
+    assert result["identical"] and result["differences"] == {"b": []}
+    assert "v" not in [v["name"] for v in js(b.cli("volume", "list", "--json")) if v["role"] != "replica"]
+    with pytest.raises(nbd.Error):  # a replica is not an export on its node
+        b.connect("v")
+    hold.shutdown()
+
+
+def test_replica_killed_with_2_of_2_writes_wait_then_resync_only_dirty_chunks(cluster):
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "1GiB", "--replica", "b", check=True)
+    b.start()
+    a.start()
+    h = a.connect("v")
+    for i in range(64):  # 256 MiB across 64 chunks, in sync
+        h.pwrite(os.urandom(64 * 1024), i * CHUNK)
+    h.flush()
+    wait_in_sync(a, "v")
+    b.server.kill9()
+    done = threading.Event()
+    error = []
+
+    def blocked_write():
+        try:
+            h.pwrite(b"W" * 4096, 5 * CHUNK + 4096)  # needs 2 copies: waits for b
+        except Exception as exc:
+            error.append(exc)
+        done.set()
+
+    t = threading.Thread(target=blocked_write)
+    t.start()
+    assert not done.wait(3.0)  # never acknowledged with one copy
+    state = replication(a, "v")["peers"]["b"]
+    assert state["state"] == "out_of_sync"
+    b.start()
+    assert done.wait(60) and not error
+    t.join()
+    wait_in_sync(a, "v")
+    st = replication(a, "v")["peers"]["b"]
+    assert st["resynced_bytes"] <= 2 * CHUNK  # the dirty chunk, not the 1 GiB volume
+    h2 = a.connect("v")
+    h2.pwrite(b"after" * 1000, 700 * MiB)
+    h2.flush()
+    assert verify(a, "v")["identical"]
+    h.shutdown()
+    h2.shutdown()
+
+
+def test_three_copies_two_required_writes_continue_without_one(cluster):
+    a, b, c = cluster(3)
+    a.cli("volume", "create", "v", "--size", "256MiB", "--replica", "b", "--replica", "c", "--min-copies", "2",
+          check=True)
+    b.start()
+    c.start()
+    a.start()
+    h = a.connect("v")
+    h.pwrite(os.urandom(CHUNK), 0)
+    h.flush()
+    wait_in_sync(a, "v")
+    c.server.kill9()
+    t0 = time.monotonic()
+    for i in range(20):
+        h.pwrite(os.urandom(65536), 8 * MiB + i * 65536)
+    h.flush()
+    assert time.monotonic() - t0 < 30  # a and b suffice: no waiting for c
+    wait_for(lambda: replication(a, "v")["peers"]["c"]["state"] == "out_of_sync", 30, what="c's ack deadline")
+    peers = replication(a, "v")["peers"]
+    assert peers["b"]["state"] == "in_sync"
+    assert peers["c"]["resync_remaining_chunks"] >= 1
+    c.start()
+    wait_in_sync(a, "v")
+    result = verify(a, "v")
+    assert result["identical"] and set(result["differences"]) == {"b", "c"}
+    h.shutdown()
+
+
+def test_min_copies_1_is_the_explicit_choice_to_continue_alone(cluster):
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
+    b.start()
+    a.start()
+    h = a.connect("v")
+    h.pwrite(b"x" * 4096, 0)
+    b.server.kill9()
+    a.cli("volume", "set", "v", "--min-copies", "1", check=True)
+    t0 = time.monotonic()
+    h.pwrite(b"y" * 4096, 4096)
+    h.flush()
+    assert time.monotonic() - t0 < 10
+    assert replication(a, "v")["min_copies"] == 1
+    bad = a.cli("volume", "set", "v", "--min-copies", "3")
+    assert bad.returncode == 2 and "2 copies" in bad.stderr
+    h.shutdown()
+
+
+def test_write_fails_with_eio_after_the_write_timeout(cluster):
+    a, b = cluster(2)
+    a.server.extra[a.server.extra.index("--write-timeout") + 1] = "2"
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
+    a.start()  # b never started
+    h = a.connect("v")
+    with pytest.raises(nbd.Error) as err:
+        h.pwrite(b"z" * 4096, 0)
+    assert err.value.errno == "EIO"
+    h.shutdown()
+
+
+def _raw_dealer(node, keys_from):
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    if keys_from is not None:
+        public, secret = keyfiles.load(keys_from.key_dir)
+        s.curve_publickey, s.curve_secretkey = public, secret
+    else:
+        s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+    s.curve_serverkey = node.public.encode()
+    s.connect(node.address)
+    return s
+
+
+def _ask(sock, frames, timeout=3000):
+    sock.send_multipart(frames)
+    if not sock.poll(timeout):
+        return None
+    return rp.decode(sock.recv_multipart())
+
+
+def test_hostile_messages_are_refused_and_the_sink_survives(cluster):
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
+    b.start()
+    a.start()
+    h = a.connect("v")
+    h.pwrite(b"good" * 1024, 0)
+    h.flush()
+    wait_in_sync(a, "v")
+    repl_id = replication(a, "v")["repl_id"]
+    s = _raw_dealer(b, keys_from=a)
+    header = rp.HEADER.pack
+    cases = [
+        [b"short"],
+        [b"x" * 40, b"", b""],
+        [header(9, rp.WRITE, 0, repl_id, 1, 1, 0, 4096), b"", b""],  # wrong version
+        [header(1, 77, 0, repl_id, 1, 1, 0, 0), b"", b""],  # unknown type
+        [header(1, rp.WRITE, 0, repl_id, 1, 1, 0, 4096), bytes(8), bytes(100)],  # truncated data
+        [header(1, rp.WRITE, 0, repl_id, 1, 1, 0, 4096), bytes(8), bytes(4096)],  # wrong checksum: corrupt
+        [header(1, rp.WRITE, 0, repl_id, 0, 1, 0, 4096), b"", bytes(4096)],  # bad sums frame
+        [header(1, rp.WRITE, 0, 12345, 1, 1, 0, 4096), bytes(8), bytes(4096)],  # unknown volume (and corrupt)
+    ]
+    for frames in cases:
+        reply = _ask(s, frames)
+        assert reply is not None and reply.type == rp.NACK, frames[0][:8]
+    # A correct checksum but a stale epoch (the replica is at epoch 1): fencing refuses it.
+    from blockd import checksum
+    import numpy as np
+
+    data = np.full(4096, 0xEE, dtype=np.uint8)
+    sums = np.empty(1, dtype=np.uint64)
+    checksum.hash_blocks(data, sums)
+    stale = _ask(s, [header(1, rp.WRITE, 0, repl_id, 0, 99, 0, 4096), sums.tobytes(), data.tobytes()])
+    assert stale.type == rp.NACK and stale.json()["code"] == "stale_epoch"
+    # An unknown CURVE key gets no answer at all, and is counted.
+    stranger = _raw_dealer(b, keys_from=None)
+    assert _ask(stranger, rp.encode(rp.Message(rp.HEARTBEAT, seq=1)), timeout=1500) is None
+    sink = js(b.cli("volume", "list", "--json"))  # the sink's node still answers its CLI
+    assert sink is not None
+    status = _control(b, {"op": "sink"})
+    assert status["refused"].get("unknown_key", 0) >= 1
+    assert status["refused"].get("corrupt", 0) >= 1 and status["refused"].get("stale_epoch", 0) >= 1
+    assert status["refused"].get("malformed", 0) >= 4
+    # Nothing changed the replica: the copies are still identical, and writes still replicate.
+    assert h.pread(4096, 0) == b"good" * 1024
+    h.pwrite(b"more" * 1024, 4096)
+    h.flush()
+    assert verify(a, "v")["identical"]
+    h.shutdown()
+
+
+def _control(node, request):
+    s = socket.socket(socket.AF_UNIX)
+    fd = os.open(node.data, os.O_PATH)
+    try:
+        s.connect(f"/proc/self/fd/{fd}/control.sock")
+        s.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    finally:
+        s.close()
+        os.close(fd)
+    reply = json.loads(data.splitlines()[-1])
+    assert reply["ok"], reply
+    return reply["result"]
+
+
+def test_refusals_for_replication_setup(tmp_path):
+    d = tmp_path / "d"
+    assert run_cli("volume", "create", "v", "--size", "1GiB", "--replica", "ghost", data_dir=d).returncode == 1
+    bad = run_cli("peer", "add", "p", "http://x:1", "--public-key", "x" * 40, data_dir=d)
+    assert bad.returncode == 2 and "tcp://HOST:PORT" in bad.stderr
+    bad = run_cli("peer", "add", "p", "tcp://127.0.0.1:9", "--public-key", "short", data_dir=d)
+    assert bad.returncode == 2 and "public key" in bad.stderr
+    key_dir = tmp_path / "k"
+    assert run_cli("keys", "generate", "--key-dir", key_dir).returncode == 0
+    assert oct(os.stat(key_dir / "node.secret").st_mode & 0o777) == "0o600"
+    again = run_cli("keys", "generate", "--key-dir", key_dir)
+    assert again.returncode == 1 and "--force" in again.stderr
+    pub = run_cli("keys", "show", "--key-dir", key_dir).stdout.strip()
+    assert run_cli("peer", "add", "p", "tcp://127.0.0.1:9", "--public-key", pub, data_dir=d).returncode == 0
+    assert run_cli("peer", "add", "p", "tcp://127.0.0.1:9", "--public-key", pub, data_dir=d).returncode == 1
+    bad = run_cli("volume", "create", "v", "--size", "1GiB", "--replica", "p", "--min-copies", "3", data_dir=d)
+    assert bad.returncode == 2 and "min-copies" in bad.stderr
+    assert run_cli("volume", "list", "--json", data_dir=d).stdout.strip() == "[]"
+    nokeys = run_cli("serve", "--listen", f"unix:{tmp_path}/s.sock", "--replication-listen", "tcp://127.0.0.1:9",
+                     "--key-dir", tmp_path / "none", data_dir=d)
+    assert nokeys.returncode == 1 and "keys generate" in nokeys.stderr
