@@ -226,6 +226,7 @@ def build_parser():
     p = sub.add_parser("scrub", help="verify every allocated block of a volume (online: flushes first)")
     _add_data_dir(p)
     p.add_argument("name")
+    p.add_argument("--repair", action="store_true", help="rewrite corrupt blocks from an in-sync replica")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_scrub)
     return parser
@@ -1025,27 +1026,34 @@ def cmd_scrub(args):
                 last[0] = done
 
         try:
-            result = control.call(handle, "scrub", progress=progress, timeout=None, name=args.name)
+            result = control.call(handle, "scrub", progress=progress, timeout=None, name=args.name,
+                                  repair=args.repair)
         finally:
             if bar:
                 bar.close()
         bad = result["corrupt_offsets"]
+        repaired = result.get("repaired_offsets", [])
         scanned = result["scanned_bytes"]
     else:
+        if args.repair:
+            datadir.unlock()
+            raise Refused("scrub --repair reads from replicas: it needs the running server (blockd serve)")
+        repaired = []
         try:
             bad, scanned = _scrub_offline(datadir, args.name)
         finally:
             datadir.unlock()
+    unrepaired = [o for o in bad if o not in set(repaired)]
     if args.json:
-        _print({"name": args.name, "clean": not bad, "corrupt_offsets": bad, "scanned_bytes": scanned,
-                "online": mode == "online"})
+        _print({"name": args.name, "clean": not bad, "corrupt_offsets": bad, "repaired_offsets": repaired,
+                "scanned_bytes": scanned, "online": mode == "online"})
     elif bad:
         for offset in bad:
-            print(f"corrupt block at offset {offset}")
-        print(f"{args.name}: {len(bad)} corrupt block(s)")
+            print(f"corrupt block at offset {offset}" + (" (repaired from a replica)" if offset in repaired else ""))
+        print(f"{args.name}: {len(bad)} corrupt block(s), {len(repaired)} repaired")
     else:
         print(f"{args.name}: clean")
-    return 1 if bad else 0
+    return 1 if unrepaired else 0
 
 
 def _scrub_offline(datadir, name):

@@ -195,8 +195,11 @@ class ControlServer:
                 last[0] = now
                 emit({"progress": done[0]})
 
-        bad = self.engine.scrub(name, progress=progress)
-        return {"name": name, "scanned_bytes": done[0], "corrupt_offsets": bad}
+        repair = request.get("repair", False)
+        if not isinstance(repair, bool):
+            raise BadInput("invalid request: repair must be true or false")
+        bad, repaired = self.engine.scrub(name, progress=progress, repair=repair)
+        return {"name": name, "scanned_bytes": done[0], "corrupt_offsets": bad, "repaired_offsets": repaired}
 
 
     def _op_qos(self, request, emit):

@@ -317,12 +317,23 @@ class Engine:
         self.datadir.remove_volume_files(row["id"])
         return cut
 
-    def scrub(self, name, progress=None):
-        """Online scrub: flush (so every checksum is current), then verify every allocated block."""
+    def scrub(self, name, progress=None, repair=False):
+        """Online scrub: flush (so every checksum is current), then verify every allocated block.
+
+        Returns (corrupt offsets, repaired offsets); ``repair`` rewrites
+        corrupt blocks from an in-sync replica.
+        """
         volume = self.open(name)
         try:
             volume.flush()
-            return volume.scrub(progress=progress)
+            bad = volume.scrub(progress=progress)
+            repaired = []
+            if repair and bad:
+                if volume.replication is None:
+                    raise Refused(f"volume {name} has no replica to repair from")
+                for off in bad:
+                    repaired += volume.repair_blocks([off])
+            return bad, repaired
         finally:
             self.release(volume)
 

@@ -108,6 +108,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.names = {}  # volume id -> name, for every volume opened since start
         self.checksum_errors = {}  # volume id -> blocks
+        self.read_repairs = {}  # volume id -> blocks
         self.scrub_scanned = {}  # volume id -> bytes
         self.scrub_corrupt = {}  # volume id -> blocks
         self.scrubs_running = 0
@@ -165,6 +166,10 @@ class Metrics:
         self.names[volume.volume_id] = volume.name
         with self._lock:
             self.checksum_errors[volume.volume_id] = self.checksum_errors.get(volume.volume_id, 0) + len(offsets)
+
+    def read_repair(self, volume, blocks):
+        with self._lock:
+            self.read_repairs[volume.volume_id] = self.read_repairs.get(volume.volume_id, 0) + blocks
 
     def scrub_started(self, volume):
         self.names[volume.volume_id] = volume.name
@@ -260,10 +265,12 @@ class Metrics:
         for vid in sorted(set(ce) | set(self.names)):
             fam.add_metric([name(vid, str(vid))], ce.get(vid, 0))
         yield fam
-        fam = CounterMetricFamily("blockd_read_repairs", "blocks repaired from a replica (replication)",
+        with self._lock:
+            repairs = dict(self.read_repairs)
+        fam = CounterMetricFamily("blockd_read_repairs", "blocks read back correct from a replica and rewritten",
                                   labels=["volume"])
-        for vid in sorted(self.names):
-            fam.add_metric([name(vid, str(vid))], 0)
+        for vid in sorted(set(self.names) | set(repairs)):
+            fam.add_metric([name(vid, str(vid))], repairs.get(vid, 0))
         yield fam
         fam = CounterMetricFamily("blockd_scrub_scanned_bytes", "bytes verified by scrubs", labels=["volume"])
         for vid, n in sorted(scanned.items()):

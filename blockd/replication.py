@@ -599,6 +599,24 @@ class VolumeReplication:
         ps.bitmap.remove([c])
         return True
 
+    # -- read-repair -------------------------------------------------------------------------
+    def fetch_block(self, offset, expected):
+        """A block from an in-sync replica whose data hashes to ``expected``; None if none has it."""
+        for name, ps in self.peers.items():
+            if not ps.state.counts:
+                continue
+            ok, reply = self._request(ps, rp.Message(rp.READ, volume=self.repl_id, epoch=self.epoch,
+                                                     seq=self._next_seq(), offset=offset, length=BLOCK_SIZE))
+            if not ok or len(reply.data) != BLOCK_SIZE:
+                continue
+            data = np.frombuffer(bytes(reply.data), dtype=np.uint8).copy()
+            got = np.empty(1, dtype=np.uint64)
+            checksum.hash_blocks(data, got)
+            if int(got[0]) == expected:
+                log(f"{self.volume.name}: read-repair of block at {offset} from {name}")
+                return data
+        return None
+
     # -- inspection ----------------------------------------------------------------------------
     def status(self):
         with self._cond:

@@ -40,6 +40,9 @@ class NullEvents:
     def scrub_started(self, volume):
         pass
 
+    def read_repair(self, volume, blocks):
+        pass
+
     def scrub_progress(self, volume, nbytes):
         pass
 
@@ -58,6 +61,7 @@ class Volume:
         self.chunk_size = store.chunk_size
         self._locks = RangeLock()
         self.checksum_errors = 0
+        self.read_repairs = 0
         self.gone = None  # reason, once the volume was deleted under its connections (delete --force)
         self.qos = None  # qos.Admission when the volume's type or caps throttle it
         self.replication = None  # replication.VolumeReplication for a replicated primary
@@ -99,6 +103,15 @@ class Volume:
                     arr = np.frombuffer(buf, dtype=np.uint8)
                     if fastio.read_verify(fd, arr, chunk_offset, sums[first : first + length // BLOCK_SIZE]) == 0:
                         return
+        try:
+            self._read_locked_path(buf, offset, length)
+        except ChecksumError as exc:
+            # Read-repair: correct blocks from a replica, rewritten here, then read again.
+            if self.replication is None or not self.repair_blocks(exc.offsets):
+                raise
+            self._read_locked_path(buf, offset, length)
+
+    def _read_locked_path(self, buf, offset, length):
         start = offset & _MASK
         end = (offset + length + BLOCK_SIZE - 1) & _MASK
         held = self._locks.acquire(start, end, False)
@@ -111,6 +124,33 @@ class Volume:
                 memoryview(buf).cast("B")[:] = memoryview(tmp)[offset - start : offset - start + length]
         finally:
             self._locks.release(held)
+
+    def repair_blocks(self, offsets):
+        """Fetch each block from an in-sync replica, check it against our checksum, rewrite it locally.
+
+        Returns the offsets repaired; all-or-nothing for a read (False if any
+        block could not be repaired: the read then fails with EIO).
+        """
+        repl = self.replication
+        if repl is None:
+            return []
+        done = []
+        for off in offsets:
+            held = self._locks.acquire(off, off + BLOCK_SIZE, True)
+            try:
+                c, co = divmod(off, self.chunk_size)
+                expected = int(self.store.sums(c)[co // BLOCK_SIZE])
+                data = repl.fetch_block(off, expected)
+                if data is None:
+                    continue
+                self._write_blocks(data, off)  # local only: the replica already holds it
+            finally:
+                self._locks.release(held)
+            done.append(off)
+        if done:
+            self.read_repairs += len(done)
+            self.events.read_repair(self, len(done))
+        return done if len(done) == len(offsets) else []
 
     def _read_blocks(self, view, offset):
         """Read whole blocks at an aligned ``offset`` into ``view`` and verify them."""

@@ -355,3 +355,45 @@ def test_refusals_for_replication_setup(tmp_path):
     nokeys = run_cli("serve", "--listen", f"unix:{tmp_path}/s.sock", "--replication-listen", "tcp://127.0.0.1:9",
                      "--key-dir", tmp_path / "none", data_dir=d)
     assert nokeys.returncode == 1 and "keys generate" in nokeys.stderr
+
+
+def _flip(node, volume, offset):
+    vol_id = js(node.cli("volume", "show", volume, "--json"))["id"]
+    chunk, within = divmod(offset, CHUNK)
+    path = os.path.join(node.data, "volumes", str(vol_id), f"{chunk:016x}.chunk")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        b = os.pread(fd, 1, within)
+        os.pwrite(fd, bytes([b[0] ^ 0x40]), within)
+    finally:
+        os.close(fd)
+
+
+def test_read_repair_and_scrub_repair_from_the_replica(cluster):
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
+    b.start()
+    a.start()
+    h = a.connect("v")
+    data = os.urandom(CHUNK)
+    h.pwrite(data, 0)
+    h.flush()
+    wait_in_sync(a, "v")
+    _flip(a, "v", 8192 + 17)
+    assert h.pread(4096, 8192) == data[8192:12288]  # correct data, via the replica
+    assert h.pread(CHUNK, 0) == data
+    status = js(a.cli("volume", "show", "v", "--json"))
+    assert status["replication"]["peers"]["b"]["state"] == "in_sync"
+    # The local block was rewritten: a scrub of the primary finds nothing.
+    clean = js(a.cli("scrub", "v", "--json"))
+    assert clean["clean"]
+    # scrub --repair fixes blocks nobody read.
+    _flip(a, "v", 3 * 4096 + 5)
+    _flip(a, "v", 100 * 4096 + 5)
+    out = a.cli("scrub", "v", "--repair", "--json")
+    res = json.loads(out.stdout)
+    assert out.returncode == 0 and res["corrupt_offsets"] == [3 * 4096, 100 * 4096]
+    assert res["repaired_offsets"] == res["corrupt_offsets"]
+    assert js(a.cli("scrub", "v", "--json"))["clean"]
+    assert verify(a, "v")["identical"]
+    h.shutdown()
