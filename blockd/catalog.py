@@ -15,7 +15,7 @@ from .errors import BadInput, BlockdError, NotFound, Refused
 from .geometry import DEFAULT_CHUNK_SIZE
 from .sizes import check_name, check_volume_size, format_size
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 DEFAULT_POOL = "default"
 MAX_LOGICAL_LIMIT = 2**63 - 1  # SQLite integers are signed 64-bit
 BUSY_TIMEOUT_SECONDS = 30  # a CLI waiting on a long provisioning transaction
@@ -51,7 +51,9 @@ CREATE TABLE IF NOT EXISTS volumes (
     mod_completed_at  REAL,            --   completed from here
     mod_from          TEXT,            -- JSON: type, size, iops, throughput before it
     repl_id    INTEGER,                -- replication id, the same on every copy (NULL: not replicated)
-    min_copies INTEGER NOT NULL DEFAULT 1  -- copies a write needs before it is acknowledged
+    min_copies INTEGER NOT NULL DEFAULT 1,  -- copies a write needs before it is acknowledged
+    sync_state TEXT,                   -- replica: in_sync/out_of_sync as its primary last said
+    copies     TEXT                    -- replica: JSON list of every copy {name, key, address} as the primary knows them
 );
 CREATE UNIQUE INDEX IF NOT EXISTS volumes_repl_id ON volumes(repl_id);
 CREATE TABLE IF NOT EXISTS peers (
@@ -95,6 +97,10 @@ MIGRATIONS = {
         "CREATE TABLE IF NOT EXISTS volume_replicas (volume_id INTEGER NOT NULL REFERENCES volumes(id) "
         "ON DELETE CASCADE, peer_id INTEGER NOT NULL REFERENCES peers(id), seeded INTEGER NOT NULL DEFAULT 0, "
         "PRIMARY KEY (volume_id, peer_id))",
+    ],
+    4: [
+        "ALTER TABLE volumes ADD COLUMN sync_state TEXT",
+        "ALTER TABLE volumes ADD COLUMN copies TEXT",
     ],
 }
 
@@ -404,6 +410,40 @@ class Catalog:
     def set_epoch_role(self, volume_id, epoch, role):
         with self.transaction() as db:
             db.execute("UPDATE volumes SET epoch=?, role=? WHERE id=?", (epoch, role, volume_id))
+
+    def clear_promoted(self, volume_id):
+        with self.transaction() as db:
+            db.execute("UPDATE volumes SET sync_state=NULL WHERE id=? AND sync_state='promoted'", (volume_id,))
+
+    def set_replica_view(self, volume_id, sync_state, min_copies, copies_json):
+        """What a replica's primary last told it: its sync state, the quorum, every copy."""
+        with self.transaction() as db:
+            db.execute("UPDATE volumes SET sync_state=?, min_copies=?, copies=? WHERE id=?",
+                       (sync_state, min_copies, copies_json, volume_id))
+
+    def promote(self, name, peer_names):
+        """Replica -> primary with the next epoch; ``peer_names`` (other copies, as this node names them)
+        become its replicas.  Returns the new row."""
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"unknown volume {name!r}")
+            if row["role"] != "replica":
+                raise Refused(f"volume {name} is already the primary here (epoch {row['epoch']})")
+            # 'promoted': writable before any peer answers (this node just chose the new epoch).
+            db.execute("UPDATE volumes SET role='primary', epoch=?, sync_state='promoted' WHERE id=?",
+                       (row["epoch"] + 1, row["id"]))
+            db.execute("DELETE FROM volume_replicas WHERE volume_id=?", (row["id"],))
+            for peer in peer_names:
+                pid = db.execute("SELECT id FROM peers WHERE name=?", (peer,)).fetchone()
+                if pid is not None:
+                    db.execute("INSERT INTO volume_replicas (volume_id, peer_id, seeded) VALUES (?, ?, 1)",
+                               (row["id"], pid[0]))
+        return self.volume(name)
+
+    def peer_by_key(self, public_key):
+        rows = self._query("SELECT * FROM peers WHERE public_key=?", (public_key,))
+        return dict(rows[0]) if rows else None
 
     def set_min_copies(self, name, min_copies):
         with self.transaction() as db:

@@ -167,6 +167,15 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_volume_modify)
 
+    p = vsub.add_parser("promote", help="make this node's replica the primary (failover), with a new epoch")
+    _add_data_dir(p)
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true",
+                   help="promote a copy that may lack acknowledged writes (reports how far behind it may be)")
+    p.add_argument("--key-dir", help="this node's key dir (to tell itself apart from the other copies)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_volume_promote)
+
     p = vsub.add_parser("set", help="change a volume setting (--min-copies)")
     _add_data_dir(p)
     p.add_argument("name")
@@ -390,6 +399,9 @@ def cmd_volume_show(args):
                 "fenced": False, "peers": {p["name"]: {"state": "unknown (no server)", "address": p["address"]}
                                            for p in peers},
             }
+            if row["role"] == "replica":
+                info["replication"].update(sync_state=row["sync_state"],
+                                           copies=len(json.loads(row["copies"] or "[]")))
     if args.json:
         _print(info)
     else:
@@ -632,6 +644,39 @@ def cmd_pool_set(args):
         _print(info)
     else:
         print(f"pool {info['pool']}: modify cooldown {seconds:g} s")
+
+
+def cmd_volume_promote(args):
+    datadir = _datadir(args)
+    mode, handle = _live(datadir, args.name)
+    if mode == "online":
+        report = control.call(handle, "promote", name=args.name, force=args.force)
+    else:
+        from . import keys
+        from .engine import Engine
+
+        try:
+            own = None
+            try:
+                own = keys.load_public(_key_dir(args))
+            except BlockdError:
+                pass
+            engine = Engine(datadir)
+            try:
+                report = engine.promote(args.name, force=args.force, own_key=own)
+            finally:
+                engine.close()
+        finally:
+            datadir.unlock()
+    report["online"] = mode == "online"
+    if args.json:
+        _print(report)
+    else:
+        for w in report["warnings"]:
+            print(f"warning: forced although {w}")
+        print(f"{args.name}: primary here at epoch {report['epoch']}; replicas {', '.join(report['replicas']) or 'none'} "
+              f"will be compared and resynced; writes need {report['min_copies']} copies "
+              "(`blockd volume set --min-copies 1` to continue alone)")
 
 
 def cmd_volume_set(args):

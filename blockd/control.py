@@ -245,6 +245,12 @@ class ControlServer:
         self.engine.set_min_copies(name, _int(request, "min_copies"))
         return self.engine.replication_status(name)
 
+    def _op_promote(self, request, emit):
+        force = request.get("force", False)
+        if not isinstance(force, bool):
+            raise BadInput("invalid request: force must be true or false")
+        return self.engine.promote(_name(request), force=force)
+
     def _op_sink(self, request, emit):
         if self.sink is None:
             raise BadInput("this server runs no replication sink (--replication-listen)")
@@ -258,6 +264,7 @@ class ControlServer:
 _OPS = {
     "replication": ControlServer._op_replication,
     "sink": ControlServer._op_sink,
+    "promote": ControlServer._op_promote,
     "set-min-copies": ControlServer._op_set_min_copies,
     "verify": ControlServer._op_verify,
     "qos": ControlServer._op_qos,

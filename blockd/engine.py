@@ -20,22 +20,25 @@ from .sizes import check_name
 from .store import ChunkStore
 from .volume import Volume
 
-EXPORT_LIST_LIMIT = 1000  # nbdkit refuses lists over 10,000; clients attach any name regardless
+EXPORT_LIST_LIMIT = 1000
+FULL_COMPARE_LIMIT = 256 << 30  # after a promotion, compare every chunk of volumes up to this size; beyond, ours  # nbdkit refuses lists over 10,000; clients attach any name regardless
 
 
 class _Open:
-    __slots__ = ("volume", "refs", "lock_fd")
+    __slots__ = ("volume", "refs", "lock_fd", "remove_files")
 
     def __init__(self, volume, lock_fd):
         self.volume = volume
         self.refs = 0
         self.lock_fd = lock_fd
+        self.remove_files = True  # when retired: deleted (files go) or fenced (files stay, now a replica)
 
 
 class Engine:
     def __init__(self, datadir, files=None, events=None, clock=time.monotonic, qos_trace=0):
         self.datadir = datadir
         self.replication = None  # set by the server: replication.Manager (something that replicates writes)
+        self.sink = None  # set by the server: the replication sink holding this node's replicas open
         self.clock = clock
         self.qos_trace = qos_trace  # tests: keep the last N admissions per volume
         self.files = files or OsFiles()
@@ -217,6 +220,14 @@ class Engine:
     # ---- replication (reached through the control socket) -------------------------------
     def replication_status(self, name):
         row = self.catalog.volume(name)
+        if row["role"] == "replica":
+            import json
+
+            sink = self.sink
+            return {"role": "replica", "repl_id": row["repl_id"], "epoch": row["epoch"],
+                    "min_copies": row["min_copies"], "sync_state": row["sync_state"],
+                    "copies": len(json.loads(row["copies"] or "[]")), "fenced": False, "peers": {},
+                    "applied_seq": sink.applied_seq.get(row["repl_id"], 0) if sink is not None else None}
         with self._lock:
             entry = self._open.get(row["id"])
         vr = entry.volume.replication if entry is not None else None
@@ -236,6 +247,86 @@ class Engine:
             entry = self._open.get(row["id"])
         if entry is not None and entry.volume.replication is not None:
             entry.volume.replication.set_min_copies(n)
+
+    def fence(self, volume_id, epoch):
+        """This node's primary copy was superseded (a peer holds a newer epoch): it becomes a replica.
+
+        Its open Volume is retired (every request fails with EIO; nothing is
+        flushed) and its lock is let go at once, so the sink can open the
+        replica for the new primary's resync.
+        """
+        self.catalog.set_epoch_role(volume_id, epoch, "replica")
+        with self._lock:
+            entry = self._open.pop(volume_id, None)
+            if entry is None:
+                return
+            entry.volume.retire(f"fenced: a newer primary holds epoch {epoch}")
+            entry.remove_files = False
+            self._retired[volume_id] = entry
+            os.close(entry.lock_fd)
+            entry.lock_fd = None
+
+    def promote(self, name, force=False, own_key=None):
+        """Make this node's replica the primary with the next epoch.
+
+        Refused when the copy cannot be known to hold every acknowledged
+        write (its primary last said it was out of sync, or writes needed
+        fewer copies than exist), unless ``force``.  Every other copy is
+        marked for a full comparison resync (chunks whose checksums match
+        are skipped).  Returns a report.
+        """
+        import json
+
+        row = self.catalog.volume(name)
+        if row["role"] != "replica":
+            raise Refused(f"volume {name} is already the primary here (epoch {row['epoch']})")
+        copies = json.loads(row["copies"] or "[]")
+        reasons = []
+        if row["sync_state"] != "in_sync":
+            reasons.append(f"its primary last reported it {row['sync_state'] or 'not yet in sync'}")
+        if copies and row["min_copies"] < len(copies):
+            reasons.append(
+                f"writes needed only {row['min_copies']} of {len(copies)} copies, so another copy may hold "
+                "acknowledged writes this one lacks (promote the most up-to-date one: compare applied_seq "
+                "in `blockd volume show` on each replica node)"
+            )
+        if reasons and not force:
+            raise Refused(f"refusing to promote {name}: " + "; ".join(reasons) + "; --force promotes it anyway "
+                          "(acknowledged writes may be lost)")
+        own = own_key
+        if self.replication is not None and self.replication.keys:
+            own = self.replication.keys[0].decode()
+        peer_names = []
+        for copy in copies:
+            if copy.get("key") and copy["key"] == own:
+                continue
+            peer = self.catalog.peer_by_key(copy["key"]) if copy.get("key") else None
+            if peer is not None:
+                peer_names.append(peer["name"])
+        with self._lock:
+            if self.sink is not None:
+                volume = self.sink.drop(row["repl_id"])
+            else:
+                volume = None
+        if volume is not None:
+            self.release(volume)
+        new = self.catalog.promote(name, peer_names)
+        # Every other copy gets compared chunk by chunk on first contact.
+        size = new["size"]
+        chunk = new["chunk_size"]
+        if size <= FULL_COMPARE_LIMIT:
+            chunks = range(0, (size + chunk - 1) // chunk)
+        else:
+            chunks = ChunkStore(self.files, self.datadir.volume_path(new["id"]), chunk).chunk_indexes()
+        from .intent import IntentLog
+
+        for peer in peer_names:
+            log = IntentLog(self.files, self.datadir.resync_path(new["id"], peer))
+            log.load()
+            log.add(list(chunks))
+            log.close()
+        return {"name": name, "epoch": new["epoch"], "replicas": peer_names, "forced": bool(reasons),
+                "warnings": reasons, "min_copies": new["min_copies"]}
 
     def verify(self, name):
         """Per-block checksums of this copy against every replica's: {peer: [differing offsets]}."""
@@ -260,9 +351,11 @@ class Engine:
         try:
             entry.volume.close()  # failed store: closes descriptors, flushes nothing
         finally:
-            os.close(entry.lock_fd)
-            # A write racing the delete may have recreated the directory.
-            self.datadir.remove_volume_files(volume.volume_id)
+            if entry.lock_fd is not None:
+                os.close(entry.lock_fd)
+            if entry.remove_files:
+                # A write racing the delete may have recreated the directory.
+                self.datadir.remove_volume_files(volume.volume_id)
 
     # ---- control operations (reached through the control socket) ----------
     def connections(self, name):

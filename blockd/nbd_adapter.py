@@ -103,7 +103,8 @@ def _replication_settings():
     from .replication import Settings
 
     kw = {k: float(_config[k]) for k in _FLOAT_KEYS if k in _config}
-    return Settings(insecure=_config.get("insecure_replication") == "1", **kw)
+    return Settings(insecure=_config.get("insecure_replication") == "1", listen=_config.get("replication_listen"),
+                    **kw)
 
 
 def _setup_replication(datadir):
@@ -136,6 +137,7 @@ def after_fork():
         manager = _engine.replication
         allowed = [p["public_key"] for p in _engine.catalog.peers() if p["public_key"]]
         _sink = Sink(_engine, _config["replication_listen"], manager.keys, manager.settings, allowed).start()
+        _engine.sink = _sink
     _control = ControlServer(_engine.datadir.path, _engine, metrics=_config.get("metrics"), sink=_sink).start()
     threading.Thread(target=_persist_qos_loop, name="blockd-qos-persist", daemon=True).start()
     quit_fd = find_quit_pipe()

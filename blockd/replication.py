@@ -33,7 +33,7 @@ import numpy as np
 import zmq
 
 from . import checksum, replproto as rp
-from .errors import BadInput, BlockdError, NotFound, Refused, VolumeFailed
+from .errors import BadInput, BlockdError, NotFound, ReadOnly, Refused, VolumeFailed
 from .geometry import BLOCK_SIZE
 from .intent import IntentLog
 
@@ -51,7 +51,8 @@ def log(line):
 
 class Settings:
     def __init__(self, ack_timeout=DEFAULT_ACK_TIMEOUT, write_timeout=DEFAULT_WRITE_TIMEOUT,
-                 heartbeat=DEFAULT_HEARTBEAT, resync_mibps=DEFAULT_RESYNC_MIBPS, insecure=False):
+                 heartbeat=DEFAULT_HEARTBEAT, resync_mibps=DEFAULT_RESYNC_MIBPS, insecure=False, listen=None):
+        self.listen = listen  # this node's sink address (told to peers: where to reach us if promoted)
         self.ack_timeout = ack_timeout
         self.write_timeout = write_timeout
         self.heartbeat = heartbeat
@@ -71,7 +72,7 @@ def curve_client(sock, keys, server_public):
 class PeerLink:
     """One peer: a DEALER socket owned by one thread; callbacks run on that thread."""
 
-    def __init__(self, ctx, name, address, public_key, keys, settings, on_up=None):
+    def __init__(self, ctx, name, address, public_key, keys, settings, on_up=None, on_down=None):
         self.ctx = ctx
         self.name = name
         self.address = address
@@ -79,6 +80,7 @@ class PeerLink:
         self.keys = keys
         self.settings = settings
         self.on_up = on_up  # called (on the link thread) when the peer answers again after a failure
+        self.on_down = on_down  # called (on the link thread) when a peer that answered stops answering
         self._queue = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -152,6 +154,8 @@ class PeerLink:
             callback(False, reason)
         if was_up:
             log(f"peer {self.name} ({self.address}): {reason}")
+            if self.on_down:
+                self.on_down(self)  # idle volumes learn it too: heartbeats detect a dead peer
 
     def _run(self):
         poller = zmq.Poller()
@@ -294,9 +298,13 @@ class VolumeReplication:
         self.min_copies = row["min_copies"]
         self.settings = manager.settings
         self._cond = threading.Condition()
-        self._seq = 0
+        self._seq = time.time_ns() // 1000  # rises across restarts: survivors compare applied seqs
         self.peers = {}  # name -> PeerState
         self.fenced = False
+        # Writable only once a peer confirms our epoch is current (a restarted primary may
+        # have been superseded while it was down); with no peers there is nobody to ask.
+        self.confirmed = not peers or row["sync_state"] == "promoted"
+        self._promoted = row["sync_state"] == "promoted"
         for p in peers:
             bitmap = IntentLog(manager.files, manager.datadir.resync_path(volume.volume_id, p["name"]))
             bitmap.load()
@@ -311,8 +319,11 @@ class VolumeReplication:
     # -- handshake ---------------------------------------------------------------------
     def _info(self):
         row = self.manager.catalog.volume_by_repl_id(self.repl_id)
+        copies = [{"name": n, "key": ps.link.public_key, "address": ps.link.address} for n, ps in self.peers.items()]
+        me = self.manager.keys[0].decode() if self.manager.keys else None
+        copies.append({"name": None, "key": me, "address": self.manager.settings.listen})
         return {"name": row["name"], "size": row["size"], "type": row["type"], "chunk_size": row["chunk_size"],
-                "min_copies": row["min_copies"]}
+                "min_copies": self.min_copies, "copies": copies}
 
     def create_on_peers(self):
         """Queue CREATE to every peer (first on each link, so before any write); answers handled as they come."""
@@ -321,20 +332,35 @@ class VolumeReplication:
             self._create_one(name, ps, info)
 
     def _create_one(self, name, ps, info):
+        info = dict(info, state=ps.state.state)
+
         def answered(ok, reply):
             if not ok:
                 reason = reply
                 if isinstance(reply, rp.Message):
                     try:
-                        reason = reply.json().get("error")
+                        body = reply.json()
                     except rp.ProtocolError:
-                        reason = "refused"
+                        body = {}
+                    if body.get("code") == "stale_epoch":
+                        self.manager.fence(self, body.get("epoch"), name)
+                        return
+                    reason = body.get("error", "refused")
                 self._missed(name, ps, set(), reason or "no answer to CREATE")
                 return
             try:
                 state = reply.json()
             except rp.ProtocolError:
                 state = {}
+            with self._cond:
+                self.confirmed = True  # a copy at our epoch or older answered: we are the current primary
+                self._cond.notify_all()
+            if self._promoted:
+                self._promoted = False
+                try:
+                    self.manager.catalog.clear_promoted(self.volume.volume_id)
+                except Exception:
+                    pass
             if state.get("created") and ps.seeded:
                 log(f"{self.volume.name}: peer {name} lost its copy: full resync")
                 self._missed(name, ps, self._all_chunks(), "copy lost")
@@ -350,6 +376,13 @@ class VolumeReplication:
         msg = rp.json_message(rp.CREATE, info, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq())
         ps.link.send(msg, answered)
 
+    def tell_peers(self):
+        """Send every peer our current view (its state, the quorum): what promotion decides on there."""
+        info = self._info()
+        for name, ps in self.peers.items():
+            if ps.state.receives_writes or ps.state.state == rp.OUT_OF_SYNC:
+                self._create_one(name, ps, info)
+
     def _all_chunks(self):
         return set(self.volume.store.chunk_indexes()) | set(self.volume.store.dirty)
 
@@ -363,6 +396,13 @@ class VolumeReplication:
         """Send to every peer that receives writes; return the ticket to wait on."""
         ticket = Ticket(chunks)
         with self._cond:
+            if not self.confirmed and type_ != rp.FLUSH:
+                deadline = time.monotonic() + self.settings.write_timeout
+                while not self.confirmed and not self.fenced and time.monotonic() < deadline:
+                    self._cond.wait(0.2)
+                if not self.confirmed and not self.fenced:
+                    raise ReadOnly(f"{self.volume.name}: read-only until a peer confirms this copy's epoch "
+                                   f"{self.epoch} is current (no peer answered)")
             if self.fenced:
                 raise VolumeFailed(f"{self.volume.name}: fenced: a newer primary holds epoch > {self.epoch}")
             self._seq += 1
@@ -396,13 +436,19 @@ class VolumeReplication:
                 return
             chunks = set(ticket.chunks) | at_risk if at_risk else ticket.chunks
             code = None
+            body = {}
             if isinstance(reply, rp.Message) and reply.type == rp.NACK:
                 try:
-                    code = reply.json().get("code")
+                    body = reply.json()
                 except rp.ProtocolError:
-                    code = None
+                    body = {}
+                code = body.get("code")
             if code == "stale_epoch":
-                self._fence(name)
+                self.manager.fence(self, body.get("epoch"), name)
+                with self._cond:
+                    ticket.failed[name] = ps.generation
+                    self._cond.notify_all()
+                return
             self._missed(name, ps, chunks, reply if isinstance(reply, str) else f"refused ({code})", ticket=ticket)
 
         return answered
@@ -429,12 +475,6 @@ class VolumeReplication:
                     log(f"{self.volume.name}: peer {name} out of sync: {reason}")
                 ps.state.on("missed")
             self._cond.notify_all()
-
-    def _fence(self, name):
-        with self._cond:
-            self.fenced = True
-            self._cond.notify_all()
-        log(f"{self.volume.name}: peer {name} holds a newer epoch: this copy is fenced (writes refused)")
 
     def send_write(self, offset, data, fua=False):
         length = len(data)
@@ -487,8 +527,14 @@ class VolumeReplication:
         with self._cond:
             self.min_copies = n
             self._cond.notify_all()
+        self.tell_peers()
 
     # -- resync ---------------------------------------------------------------------------
+    def peer_down(self, link):
+        for name, ps in self.peers.items():
+            if ps.link is link and ps.state.state in (rp.IN_SYNC, rp.RESYNCING):
+                self._missed(name, ps, set(), "peer unreachable")
+
     def peer_up(self, link):
         for name, ps in self.peers.items():
             if ps.link is link and ps.state.state == rp.OUT_OF_SYNC:
@@ -556,6 +602,8 @@ class VolumeReplication:
                     self._cond.notify_all()
                     log(f"{volume.name}: peer {name} in sync ({ps.resync_done} chunk(s), "
                         f"{ps.skipped_chunks} already equal)")
+            if ps.state.counts:
+                self._create_one(name, ps, self._info())  # it may now be promoted safely
         except _ResyncAborted:
             with self._cond:
                 if ps.state.state == rp.RESYNCING:
@@ -625,6 +673,7 @@ class VolumeReplication:
                 "epoch": self.epoch,
                 "min_copies": self.min_copies,
                 "fenced": self.fenced,
+                "confirmed": self.confirmed,
                 "peers": {
                     name: {
                         "state": ps.state.state,
@@ -696,10 +745,16 @@ class Manager:
             if link is None:
                 if not self.settings.insecure and not peer["public_key"]:
                     raise Refused(f"peer {peer['name']} has no public key (add one, or serve with --insecure-replication)")
-                link = PeerLink(zmq.Context.instance(), peer["name"], peer["address"], peer["public_key"], self.keys, self.settings,
-                                on_up=self._peer_up).start()
+                link = PeerLink(zmq.Context.instance(), peer["name"], peer["address"], peer["public_key"], self.keys,
+                                self.settings, on_up=self._peer_up, on_down=self._peer_down).start()
                 self._links[peer["name"]] = link
             return link
+
+    def _peer_down(self, link):
+        with self._lock:
+            volumes = list(self._volumes.values())
+        for vr in volumes:
+            vr.peer_down(link)
 
     def _peer_up(self, link):
         with self._lock:
@@ -720,6 +775,19 @@ class Manager:
     def detach(self, volume):
         with self._lock:
             self._volumes.pop(volume.volume_id, None)
+
+    def fence(self, vr, epoch, by):
+        """A peer holds a newer epoch: this copy was superseded.  Never writable again here: it becomes
+        a replica (the new primary resyncs it)."""
+        with vr._cond:
+            vr.fenced = True
+            vr._cond.notify_all()
+        log(f"{vr.volume.name}: peer {by} holds epoch {epoch} > {vr.epoch}: fenced, now a replica")
+        self.detach(vr.volume)
+        try:
+            self.engine.fence(vr.volume.volume_id, epoch if isinstance(epoch, int) else vr.epoch + 1)
+        except Exception as exc:
+            log(f"{vr.volume.name}: fencing: {exc}")
 
     def volume(self, volume_id):
         with self._lock:
@@ -811,7 +879,7 @@ class Sink:
             except _Refuse as exc:
                 self.refused[exc.code] += 1
                 log(f"sink: refused {rp.NAMES[msg.type]} for volume {msg.volume}: {exc}")
-                reply = self._nack(msg, str(exc), exc.code)
+                reply = self._nack(msg, str(exc), exc.code, **exc.extra)
             except BlockdError as exc:
                 self.refused["error"] += 1
                 reply = self._nack(msg, str(exc), "error")
@@ -827,8 +895,8 @@ class Sink:
         except zmq.ZMQError:
             pass
 
-    def _nack(self, msg, error, code):
-        return rp.json_message(rp.NACK, {"error": error, "code": code}, volume=msg.volume, seq=msg.seq,
+    def _nack(self, msg, error, code, **extra):
+        return rp.json_message(rp.NACK, {"error": error, "code": code, **extra}, volume=msg.volume, seq=msg.seq,
                                epoch=msg.epoch)
 
     def _ack(self, msg, sums=b"", data=b""):
@@ -840,7 +908,7 @@ class Sink:
         if row is None:
             raise _Refuse(f"no replica with replication id {msg.volume} here", "unknown_volume")
         if msg.epoch < row["epoch"]:
-            raise _Refuse(f"stale epoch {msg.epoch}: this copy is at epoch {row['epoch']}", "stale_epoch")
+            raise _Stale(row)
         if row["role"] != "replica":
             raise _Refuse(f"volume {row['name']} is a primary here (epoch {row['epoch']})", "not_replica")
         if msg.epoch > row["epoch"]:
@@ -907,15 +975,32 @@ class Sink:
             created = True
         else:
             if msg.epoch < row["epoch"]:
-                raise _Refuse(f"stale epoch {msg.epoch}: this copy is at epoch {row['epoch']}", "stale_epoch")
+                raise _Stale(row)
+            if row["role"] == "primary":
+                if msg.epoch == row["epoch"]:
+                    raise _Refuse(f"volume {row['name']} is a primary here at the same epoch {row['epoch']}",
+                                  "not_replica")
+                # A newer primary exists: this node's copy was superseded (fencing).
+                self.engine.fence(row["id"], msg.epoch)
+                row = self.catalog.volume_by_repl_id(msg.volume)
+            elif msg.epoch > row["epoch"]:
+                self.catalog.set_epoch_role(row["id"], msg.epoch, "replica")
             if int(info["size"]) > row["size"]:
                 self.catalog.resize_volume(row["name"], int(info["size"]))
                 volume = self._volumes.get(msg.volume)
                 if volume is not None:
                     volume.size = int(info["size"])
-        reply = {"created": created, "epoch": row["epoch"], "role": row["role"],
+        import json as _json
+
+        self.catalog.set_replica_view(row["id"], info.get("state"), int(info.get("min_copies", 1)),
+                                      _json.dumps(info.get("copies", [])))
+        reply = {"created": created, "epoch": msg.epoch, "role": "replica",
                  "applied_seq": self.applied_seq.get(msg.volume, 0)}
         return rp.json_message(rp.ACK, reply, volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
+
+    def drop(self, repl_id):
+        """Forget an open replica (it is being promoted here)."""
+        return self._volumes.pop(repl_id, None)
 
     def status(self):
         return {"address": self.address, "refused": dict(self.refused), "applied": dict(self.applied),
@@ -923,9 +1008,16 @@ class Sink:
 
 
 class _Refuse(Exception):
-    def __init__(self, message, code):
+    def __init__(self, message, code, **extra):
         super().__init__(message)
         self.code = code
+        self.extra = extra
+
+
+class _Stale(_Refuse):
+    def __init__(self, row):
+        super().__init__(f"stale epoch: this copy is at epoch {row['epoch']} ({row['role']})", "stale_epoch",
+                         epoch=row["epoch"], role=row["role"])
 
 
 class _NullLog:

@@ -237,11 +237,26 @@ def test_write_fails_with_eio_after_the_write_timeout(cluster):
     a, b = cluster(2)
     a.server.extra[a.server.extra.index("--write-timeout") + 1] = "2"
     a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
-    a.start()  # b never started
+    b.start()
+    a.start()
     h = a.connect("v")
+    h.pwrite(b"ok" * 2048, 0)
+    b.server.kill9()
+    t0 = time.monotonic()
     with pytest.raises(nbd.Error) as err:
-        h.pwrite(b"z" * 4096, 0)
-    assert err.value.errno == "EIO"
+        h.pwrite(b"z" * 4096, 4096)  # 2 of 2 required: never acknowledged with one
+    assert err.value.errno == "EIO" and time.monotonic() - t0 >= 2
+    assert h.pread(4096, 0) == b"ok" * 2048  # reads go on
+    h.shutdown()
+    # A primary restarted while no peer answers cannot know it is still the primary: read-only.
+    a.server.stop()
+    a.start()
+    h = a.connect("v")
+    assert h.pread(4096, 0) == b"ok" * 2048
+    with pytest.raises(nbd.Error) as err:
+        h.pwrite(b"z" * 4096, 4096)
+    assert err.value.errno in ("EPERM", "EROFS")  # NBD has no EROFS: nbdkit sends it as EPERM
+    assert replication(a, "v")["confirmed"] is False
     h.shutdown()
 
 
@@ -396,4 +411,76 @@ def test_read_repair_and_scrub_repair_from_the_replica(cluster):
     assert res["repaired_offsets"] == res["corrupt_offsets"]
     assert js(a.cli("scrub", "v", "--json"))["clean"]
     assert verify(a, "v")["identical"]
+    h.shutdown()
+
+
+def test_failover_promote_then_the_old_primary_is_fenced_and_resynced(cluster):
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "128MiB", "--replica", "b", check=True)
+    b.start()
+    a.start()
+    h = a.connect("v")
+    acked = {}
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set() and i < 4000:
+            offset = i * 8192
+            data = os.urandom(4096)
+            try:
+                h.pwrite(data, offset)  # 2 of 2: returns only once b has it too
+            except nbd.Error:
+                return
+            acked[offset] = data
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    wait_for(lambda: len(acked) > 300, 60, what="acknowledged writes")
+    a.server.kill9()  # mid-stream
+    stop.set()
+    t.join()
+    assert replication(b, "v")["sync_state"] == "in_sync"
+    out = js(b.cli("volume", "promote", "v", "--json"))
+    assert out["epoch"] == 2 and out["replicas"] == ["a"] and not out["forced"]
+    b.cli("volume", "set", "v", "--min-copies", "1", check=True)  # a is down: continue alone, explicitly
+    hb = b.connect("v")
+    for offset, data in acked.items():  # every acknowledged write survived the primary's loss
+        assert hb.pread(4096, offset) == data, offset
+    hb.pwrite(b"new primary" * 300, 100 * MiB)
+    hb.flush()
+    # The old primary comes back: fenced by the newer epoch, a replica, resynced.
+    a.start()
+    wait_for(lambda: js(a.cli("volume", "show", "v", "--json"))["role"] == "replica", 60, what="a fenced")
+    with pytest.raises(nbd.Error):
+        a.connect("v")  # never serves it again
+    b.cli("volume", "set", "v", "--min-copies", "2", check=True)
+    wait_in_sync(b, "v")
+    assert verify(b, "v")["identical"]
+    hb.shutdown()
+
+
+def test_promotion_of_an_out_of_sync_copy_is_refused_without_force(cluster):
+    a, b = cluster(2)
+    a.server.extra += ["--resync-rate", "0.5"]  # a slow resync, so it is still running when a dies
+    a.cli("volume", "create", "v", "--size", "256MiB", "--replica", "b", check=True)
+    b.start()
+    a.start()
+    h = a.connect("v")
+    h.pwrite(b"x" * 4096, 0)
+    b.server.kill9()
+    wait_for(lambda: replication(a, "v")["peers"]["b"]["state"] == "out_of_sync", 30, what="heartbeats to miss b")
+    a.cli("volume", "set", "v", "--min-copies", "1", check=True)
+    for i in range(12):
+        h.pwrite(os.urandom(4096), i * CHUNK)  # b misses these
+    h.flush()
+    b.start()
+    wait_for(lambda: replication(b, "v")["sync_state"] == "out_of_sync", 30, what="b told it is behind")
+    a.server.kill9()
+    refused = b.cli("volume", "promote", "v")
+    assert refused.returncode == 1 and "out_of_sync" in refused.stderr
+    assert replication(b, "v")["role"] == "replica"
+    forced = js(b.cli("volume", "promote", "v", "--force", "--json"))
+    assert forced["forced"] and forced["warnings"] and forced["epoch"] == 2
     h.shutdown()
