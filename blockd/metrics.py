@@ -65,7 +65,23 @@ METRIC_NAMES = (
     "blockd_volume_iops_exceeded_total",
     "blockd_volume_throughput_exceeded_total",
     "blockd_volume_consumed_ops_total",
+    "blockd_volume_min_copies",
+    "blockd_volume_fenced",
+    "blockd_replica_in_sync",
+    "blockd_replica_state",
+    "blockd_replica_resync_remaining_bytes",
+    "blockd_replica_resynced_bytes_total",
+    "blockd_peer_connected",
+    "blockd_peer_pending_messages",
+    "blockd_peer_acks_total",
+    "blockd_peer_ack_seconds_total",
+    "blockd_peer_failures_total",
+    "blockd_peer_sent_bytes_total",
+    "blockd_sink_refused_total",
+    "blockd_sink_applied_total",
 )
+REPLICATION_PREFIXES = ("blockd_replica_", "blockd_peer_", "blockd_sink_", "blockd_volume_min_copies",
+                        "blockd_volume_fenced")
 
 
 class _ThreadStats:
@@ -355,6 +371,66 @@ class Metrics:
         yield GaugeMetricFamily("blockd_volumes_attached", "volumes with at least one connection",
                                 value=len(attached))
         yield from (size, alloc, conns, burst, iops, tput, thr_s, thr_n, iops_x, tput_x, ops)
+        yield from self._collect_replication(engine)
+
+    def _collect_replication(self, engine):
+        manager = engine.replication
+        if manager is None and engine.sink is None:
+            return
+        mins = GaugeMetricFamily("blockd_volume_min_copies", "copies a write needs", labels=["volume"])
+        fenced = GaugeMetricFamily("blockd_volume_fenced", "1 if a newer primary superseded this copy",
+                                   labels=["volume"])
+        in_sync = GaugeMetricFamily("blockd_replica_in_sync", "1 if the replica counts toward the write quorum",
+                                    labels=["volume", "peer"])
+        state = GaugeMetricFamily("blockd_replica_state", "replica state (1 for the current one)",
+                                  labels=["volume", "peer", "state"])
+        remaining = GaugeMetricFamily("blockd_replica_resync_remaining_bytes", "bytes of chunks still to resync",
+                                      labels=["volume", "peer"])
+        resynced = CounterMetricFamily("blockd_replica_resynced_bytes", "bytes sent by resyncs",
+                                       labels=["volume", "peer"])
+        for volume in engine.open_volumes():
+            vr = volume.replication
+            if vr is None:
+                continue
+            st = vr.status()
+            mins.add_metric([volume.name], st["min_copies"])
+            fenced.add_metric([volume.name], 1 if st["fenced"] else 0)
+            for peer, ps in st["peers"].items():
+                in_sync.add_metric([volume.name, peer], 1 if ps["state"] == "in_sync" else 0)
+                for name in ("in_sync", "out_of_sync", "resyncing", "fenced"):
+                    state.add_metric([volume.name, peer, name], 1 if ps["state"] == name else 0)
+                remaining.add_metric([volume.name, peer], ps["resync_remaining_bytes"])
+                resynced.add_metric([volume.name, peer], ps["resynced_bytes"])
+        yield from (mins, fenced, in_sync, state, remaining, resynced)
+        if manager is not None:
+            connected = GaugeMetricFamily("blockd_peer_connected", "1 while the peer answers", labels=["peer"])
+            pending = GaugeMetricFamily("blockd_peer_pending_messages", "messages sent and not yet answered",
+                                        labels=["peer"])
+            acks = CounterMetricFamily("blockd_peer_acks", "answers received", labels=["peer"])
+            ack_s = CounterMetricFamily("blockd_peer_ack_seconds", "time from send to answer, summed (ack latency)",
+                                        labels=["peer"])
+            failures = CounterMetricFamily("blockd_peer_failures", "link failures (deadline, disconnect)",
+                                           labels=["peer"])
+            sent = CounterMetricFamily("blockd_peer_sent_bytes", "data bytes sent", labels=["peer"])
+            for name, link in sorted(manager.links().items()):
+                connected.add_metric([name], 1 if link.up else 0)
+                pending.add_metric([name], link.pending())
+                acks.add_metric([name], link.acks)
+                ack_s.add_metric([name], link.ack_seconds)
+                failures.add_metric([name], link.failures)
+                sent.add_metric([name], link.bytes_sent)
+            yield from (connected, pending, acks, ack_s, failures, sent)
+        if engine.sink is not None:
+            st = engine.sink.status()
+            refused = CounterMetricFamily("blockd_sink_refused", "replication messages refused, by reason",
+                                          labels=["reason"])
+            for reason in sorted(set(st["refused"]) | {"malformed", "unknown_key", "corrupt", "stale_epoch"}):
+                refused.add_metric([reason], st["refused"].get(reason, 0))
+            applied = CounterMetricFamily("blockd_sink_applied", "replication messages applied, by type",
+                                          labels=["type"])
+            for kind, n in sorted(st["applied"].items()):
+                applied.add_metric([kind], n)
+            yield from (refused, applied)
 
 
 class _Collector:

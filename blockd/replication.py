@@ -123,6 +123,9 @@ class PeerLink:
         self._seq += 1
         return self._seq
 
+    def pending(self):
+        return len(self._pending) + len(self._queue)
+
     # -- the link thread --
     def _connect(self):
         sock = self.ctx.socket(zmq.DEALER)

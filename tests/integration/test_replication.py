@@ -484,3 +484,55 @@ def test_promotion_of_an_out_of_sync_copy_is_refused_without_force(cluster):
     forced = js(b.cli("volume", "promote", "v", "--force", "--json"))
     assert forced["forced"] and forced["warnings"] and forced["epoch"] == 2
     h.shutdown()
+
+
+def test_replication_metrics_and_the_names_dashboards_use(cluster):
+    import re
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from conftest import ROOT
+
+    a, b = cluster(2)
+    ports = {}
+    for node in (a, b):
+        ports[node.name] = free_port()
+        node.server.extra += ["--metrics", f"127.0.0.1:{ports[node.name]}"]
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
+    b.start()
+    a.start()
+    h = a.connect("v")
+    h.pwrite(b"m" * 8192, 0)
+    h.flush()
+    wait_in_sync(a, "v")
+
+    def scrape(node):
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[node.name]}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    sa, sb = scrape(a), scrape(b)
+    assert sa[("blockd_replica_in_sync", (("peer", "b"), ("volume", "v")))] == 1
+    assert sa[("blockd_replica_state", (("peer", "b"), ("state", "in_sync"), ("volume", "v")))] == 1
+    assert sa[("blockd_volume_min_copies", (("volume", "v"),))] == 2
+    assert sa[("blockd_peer_connected", (("peer", "b"),))] == 1
+    assert sa[("blockd_peer_acks_total", (("peer", "b"),))] >= 2
+    assert sb[("blockd_sink_applied_total", (("type", "WRITE"),))] >= 1
+    assert sb[("blockd_sink_refused_total", (("reason", "corrupt"),))] == 0
+    b.server.kill9()
+    wait_for(lambda: scrape(a)[("blockd_replica_in_sync", (("peer", "b"), ("volume", "v")))] == 0, 30,
+             what="the metric to follow the replica")
+    exported = {n for n, _ in scrape(a)} | {n for n, _ in sb}
+    used = set()
+    with open(os.path.join(ROOT, "tools", "grafana", "blockd.json")) as f:
+        used |= set(re.findall(r"\bblockd_[a-z0-9_]+", f.read()))
+    with open(os.path.join(ROOT, "tools", "prometheus", "blockd-rules.yml")) as f:
+        used |= set(re.findall(r"\bblockd_[a-z0-9_]+", f.read()))
+    from blockd.metrics import REPLICATION_PREFIXES
+
+    wanted = {n for n in used if n.startswith(REPLICATION_PREFIXES)}
+    assert len(wanted) >= 8
+    assert not sorted(wanted - exported), sorted(wanted - exported)
+    h.shutdown()
