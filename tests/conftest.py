@@ -60,11 +60,12 @@ def run_in_threads(target, args_list):
 class Server:
     """A real `blockd serve` on a unix socket, started as a child process."""
 
-    def __init__(self, data_dir, sock, threads=None, extra=()):
+    def __init__(self, data_dir, sock, threads=None, extra=(), prefix=()):
         self.data_dir = str(data_dir)
         self.sock = str(sock)
         self.threads = threads
         self.extra = list(extra)
+        self.prefix = list(prefix)  # e.g. ["ip", "netns", "exec", NS]: it execs, so the pid stays the server's
         self.proc = None
         self.log_path = os.path.join(os.path.dirname(self.sock), f"serve-{os.path.basename(self.sock)}.log")
 
@@ -72,7 +73,7 @@ class Server:
         return f"nbd+unix:///{name}?socket={self.sock}"
 
     def start(self, wait=True):
-        cmd = BLOCKD + ["serve", "--data-dir", self.data_dir, "--listen", f"unix:{self.sock}"]
+        cmd = self.prefix + BLOCKD + ["serve", "--data-dir", self.data_dir, "--listen", f"unix:{self.sock}"]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         cmd += self.extra

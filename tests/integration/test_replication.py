@@ -536,3 +536,79 @@ def test_replication_metrics_and_the_names_dashboards_use(cluster):
     assert len(wanted) >= 8
     assert not sorted(wanted - exported), sorted(wanted - exported)
     h.shutdown()
+
+
+@pytest.fixture
+def netns_pair():
+    """Two network namespaces joined by a veth pair (10.231.<n>.1 and .2), made and removed here."""
+    tag = f"{os.getpid() % 10000}{int(time.time() * 1000) % 1000}"
+    na, nb = f"bdt{tag}a", f"bdt{tag}b"
+    subnet = int(tag) % 200 + 20
+    cmds = [
+        ["ip", "netns", "add", na], ["ip", "netns", "add", nb],
+        ["ip", "link", "add", f"v{tag}a", "type", "veth", "peer", "name", f"v{tag}b"],
+        ["ip", "link", "set", f"v{tag}a", "netns", na], ["ip", "link", "set", f"v{tag}b", "netns", nb],
+        ["ip", "-n", na, "addr", "add", f"10.231.{subnet}.1/24", "dev", f"v{tag}a"],
+        ["ip", "-n", nb, "addr", "add", f"10.231.{subnet}.2/24", "dev", f"v{tag}b"],
+        ["ip", "-n", na, "link", "set", f"v{tag}a", "up"], ["ip", "-n", nb, "link", "set", f"v{tag}b", "up"],
+        ["ip", "-n", na, "link", "set", "lo", "up"], ["ip", "-n", nb, "link", "set", "lo", "up"],
+    ]
+    try:
+        for cmd in cmds:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                pytest.skip(f"network namespaces not permitted here: {' '.join(cmd)}: {proc.stderr.strip()}")
+        yield {"a": (na, f"10.231.{subnet}.1", f"v{tag}a"), "b": (nb, f"10.231.{subnet}.2", f"v{tag}b")}
+    finally:
+        for ns in (na, nb):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_two_nodes_in_namespaces_link_cut_then_restored(tmp_path, sock_dir, netns_pair):
+    nodes = {}
+    for name in "ab":
+        ns, ip, _ = netns_pair[name]
+        node = Node(str(tmp_path), sock_dir, name)
+        node.address = f"tcp://{ip}:10810"
+        node.server.extra[node.server.extra.index("--replication-listen") + 1] = node.address
+        node.server.prefix = ["ip", "netns", "exec", ns]
+        nodes[name] = node
+    a, b = nodes["a"], nodes["b"]
+    a.cli("peer", "add", "b", b.address, "--public-key", b.public, check=True)
+    b.cli("peer", "add", "a", a.address, "--public-key", a.public, check=True)
+    a.cli("volume", "create", "v", "--size", "512MiB", "--replica", "b", check=True)
+    try:
+        b.start()
+        a.start()
+        h = a.connect("v")
+        for i in range(32):
+            h.pwrite(os.urandom(65536), i * CHUNK)
+        h.flush()
+        wait_in_sync(a, "v")
+        ns_a, _, dev_a = netns_pair["a"]
+        subprocess.run(["ip", "-n", ns_a, "link", "set", dev_a, "down"], check=True)
+        done = threading.Event()
+        errors = []
+
+        def write():
+            try:
+                h.pwrite(b"cut" * 1365 + b"c", 3 * CHUNK + 8192)
+            except Exception as exc:
+                errors.append(exc)
+            done.set()
+
+        t = threading.Thread(target=write)
+        t.start()
+        assert not done.wait(3.0)  # 2 of 2 with the link down: waits
+        wait_for(lambda: replication(a, "v")["peers"]["b"]["state"] == "out_of_sync", 30, what="link loss noticed")
+        subprocess.run(["ip", "-n", ns_a, "link", "set", dev_a, "up"], check=True)
+        assert done.wait(60) and not errors
+        t.join()
+        wait_in_sync(a, "v")
+        st = replication(a, "v")["peers"]["b"]
+        assert st["resynced_bytes"] <= 2 * CHUNK  # the chunk written during the cut, not the volume
+        assert verify(a, "v")["identical"]
+        h.shutdown()
+    finally:
+        for node in (a, b):
+            node.server.stop(9)
