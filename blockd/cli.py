@@ -663,7 +663,15 @@ def cmd_volume_promote(args):
                 pass
             engine = Engine(datadir)
             try:
-                report = engine.promote(args.name, force=args.force, own_key=own)
+                node_keys = None
+                try:
+                    node_keys = keys.load(_key_dir(args))
+                except BlockdError:
+                    pass
+                from .replication import query_copies
+
+                report = engine.promote(args.name, force=args.force, own_key=own,
+                                        survivors=lambda copies, rid: query_copies(copies, node_keys, rid))
             finally:
                 engine.close()
         finally:

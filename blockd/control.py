@@ -249,7 +249,9 @@ class ControlServer:
         force = request.get("force", False)
         if not isinstance(force, bool):
             raise BadInput("invalid request: force must be true or false")
-        return self.engine.promote(_name(request), force=force)
+        manager = self.engine.replication
+        return self.engine.promote(_name(request), force=force,
+                                   survivors=manager.query_copies if manager is not None else None)
 
     def _op_sink(self, request, emit):
         if self.sink is None:

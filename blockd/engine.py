@@ -266,7 +266,7 @@ class Engine:
             os.close(entry.lock_fd)
             entry.lock_fd = None
 
-    def promote(self, name, force=False, own_key=None):
+    def promote(self, name, force=False, own_key=None, survivors=None):
         """Make this node's replica the primary with the next epoch.
 
         Refused when the copy cannot be known to hold every acknowledged
@@ -281,21 +281,36 @@ class Engine:
         if row["role"] != "replica":
             raise Refused(f"volume {name} is already the primary here (epoch {row['epoch']})")
         copies = json.loads(row["copies"] or "[]")
+        own = own_key
+        if self.replication is not None and self.replication.keys:
+            own = self.replication.keys[0].decode()
         reasons = []
         if row["sync_state"] != "in_sync":
             reasons.append(f"its primary last reported it {row['sync_state'] or 'not yet in sync'}")
         if copies and row["min_copies"] < len(copies):
-            reasons.append(
-                f"writes needed only {row['min_copies']} of {len(copies)} copies, so another copy may hold "
-                "acknowledged writes this one lacks (promote the most up-to-date one: compare applied_seq "
-                "in `blockd volume show` on each replica node)"
-            )
+            # Writes did not need every copy: another survivor may hold acknowledged writes this one
+            # lacks.  Ask them (their sinks); promote only the most up-to-date one.
+            others = [c for c in copies if c.get("key") != own]
+            mine = self.sink.applied_seq.get(row["repl_id"], 0) if self.sink is not None else 0
+            answers = survivors(others, row["repl_id"]) if survivors is not None else {}
+            ahead = [(addr, st) for addr, st in answers.items()
+                     if st and st.get("role") == "replica" and st.get("applied_seq", 0) > mine]
+            if ahead:
+                addr, st = max(ahead, key=lambda a: a[1]["applied_seq"])
+                reasons.append(f"the copy at {addr} is more up to date (applied seq {st['applied_seq']} > {mine}): "
+                               "promote that one")
+            unknown = [c["address"] for c in others if answers.get(c.get("address")) is None]
+            # An acknowledged write is on at least min_copies copies; the ones that answered are covered
+            # (this copy is in sync and at least as far along), so it can be missing here only if
+            # min_copies copies did not answer (the old primary among them).
+            if len(unknown) >= row["min_copies"]:
+                reasons.append(
+                    f"writes needed only {row['min_copies']} of {len(copies)} copies and "
+                    f"{', '.join(unknown)} did not answer, so this copy cannot be known to be the most up to date"
+                )
         if reasons and not force:
             raise Refused(f"refusing to promote {name}: " + "; ".join(reasons) + "; --force promotes it anyway "
                           "(acknowledged writes may be lost)")
-        own = own_key
-        if self.replication is not None and self.replication.keys:
-            own = self.replication.keys[0].decode()
         peer_names = []
         for copy in copies:
             if copy.get("key") and copy["key"] == own:

@@ -796,6 +796,9 @@ class Manager:
         with self._lock:
             return self._volumes.get(volume_id)
 
+    def query_copies(self, copies, repl_id):
+        return query_copies(copies, self.keys, repl_id, self.settings.insecure, self.settings.ack_timeout)
+
     def links(self):
         with self._lock:
             return dict(self._links)
@@ -928,6 +931,14 @@ class Sink:
             return self._ack(msg)
         if t == rp.CREATE:
             return self._create(msg)
+        if t == rp.STATE:
+            row = self.catalog.volume_by_repl_id(msg.volume)
+            if row is None:
+                raise _Refuse(f"no copy with replication id {msg.volume} here", "unknown_volume")
+            return rp.json_message(rp.ACK, {"epoch": row["epoch"], "role": row["role"],
+                                            "sync_state": row["sync_state"],
+                                            "applied_seq": self.applied_seq.get(msg.volume, 0)},
+                                   volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
         volume = self._volume(msg)
         if t == rp.WRITE or t == rp.RESYNC:
             data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
@@ -1008,6 +1019,38 @@ class Sink:
     def status(self):
         return {"address": self.address, "refused": dict(self.refused), "applied": dict(self.applied),
                 "volumes": len(self._volumes)}
+
+
+def query_copies(copies, keys, repl_id, insecure=False, timeout=2.0):
+    """Ask each copy's sink for its state of a volume: {address: {"epoch", "role", "sync_state",
+    "applied_seq"} or None if it does not answer}.  Used by promotion to find the most up-to-date survivor."""
+    ctx = zmq.Context.instance()
+    out = {}
+    for copy in copies:
+        address = copy.get("address")
+        if not address:
+            continue
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            if not insecure:
+                if not copy.get("key") or keys is None:
+                    out[address] = None
+                    continue
+                curve_client(sock, keys, copy["key"])
+            sock.connect(address)
+            msg = rp.json_message(rp.STATE, {}, volume=repl_id, seq=1)
+            sock.send_multipart(rp.encode(msg))
+            if sock.poll(int(timeout * 1000)):
+                reply = rp.decode(sock.recv_multipart())
+                out[address] = reply.json() if reply.type == rp.ACK else None
+            else:
+                out[address] = None
+        except (zmq.ZMQError, rp.ProtocolError):
+            out[address] = None
+        finally:
+            sock.close(linger=0)
+    return out
 
 
 class _Refuse(Exception):

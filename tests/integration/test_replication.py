@@ -612,3 +612,31 @@ def test_two_nodes_in_namespaces_link_cut_then_restored(tmp_path, sock_dir, netn
     finally:
         for node in (a, b):
             node.server.stop(9)
+
+
+def test_three_copies_promotion_requires_the_most_up_to_date_survivor(cluster):
+    a, b, c = cluster(3)
+    a.cli("volume", "create", "v", "--size", "128MiB", "--replica", "b", "--replica", "c", "--min-copies", "2",
+          check=True)
+    b.start()
+    c.start()
+    a.start()
+    h = a.connect("v")
+    h.pwrite(os.urandom(65536), 0)
+    h.flush()
+    wait_in_sync(a, "v")
+    b.server.kill9()  # b falls behind: a and c carry on (2 of 3)
+    wait_for(lambda: replication(a, "v")["peers"]["b"]["state"] == "out_of_sync", 30, what="b missed")
+    for i in range(10):
+        h.pwrite(os.urandom(65536), CHUNK + i * 65536)
+    h.flush()
+    a.server.kill9()  # the primary dies before b returns: nobody told b it fell behind
+    b.start()
+    assert replication(b, "v")["sync_state"] == "in_sync"
+    # b believes it is in sync, but c (asked over its sink) is ahead: b must not be promoted.
+    refused = b.cli("volume", "promote", "v")
+    assert refused.returncode == 1 and "more up to date" in refused.stderr, refused.stderr
+    assert c.address in refused.stderr
+    out = js(c.cli("volume", "promote", "v", "--json"))
+    assert out["epoch"] == 2 and not out["forced"]
+    h.shutdown()
