@@ -25,6 +25,54 @@ def run_cli(*args, data_dir=None, check=False, env=None, timeout=120):
     return proc
 
 
+def js(proc):
+    """The JSON a successful CLI run printed (fails the test, with stderr, otherwise)."""
+    import json
+
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    return json.loads(proc.stdout)
+
+
+def free_port():
+    """A loopback TCP port free right now (tests never use fixed ports)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def control_raw(data_dir, raw):
+    """Send raw bytes to a data dir's control socket; the reply lines as JSON objects."""
+    import json
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    fd = os.open(str(data_dir), os.O_PATH)  # the tmp path may be longer than sun_path
+    try:
+        s.connect(f"/proc/self/fd/{fd}/control.sock")
+        s.sendall(raw)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(1 << 20):
+            data += chunk
+    finally:
+        s.close()
+        os.close(fd)
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def control(data_dir, request):
+    """One control request (a dict); its result (fails the test if the server refused it)."""
+    import json
+
+    reply = control_raw(data_dir, json.dumps(request).encode() + b"\n")[-1]
+    assert reply["ok"], reply
+    return reply["result"]
+
+
 def wait_for(predicate, timeout=60.0, interval=0.05, what="condition"):
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -2,21 +2,17 @@
 
 import json
 import os
-import socket
 import stat
 
 import nbd
 import pytest
 
-from conftest import ROOT, run_cli, wait_for
+from conftest import ROOT, control_raw, js, run_cli, wait_for
 
 MiB = 1 << 20
 PRIME_DAY = os.path.join(ROOT, "tools", "plans", "prime-day-2020.toml")
 
 
-def js(proc):
-    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
-    return json.loads(proc.stdout)
 
 
 def one_line_error(proc, code, *needles):
@@ -28,21 +24,6 @@ def one_line_error(proc, code, *needles):
     return lines[0]
 
 
-def control_request(data_dir, raw):
-    """Send raw bytes to the control socket; return the reply lines (JSON)."""
-    s = socket.socket(socket.AF_UNIX)
-    fd = os.open(str(data_dir), os.O_PATH)  # the tmp path may be longer than sun_path
-    try:
-        s.connect(f"/proc/self/fd/{fd}/control.sock")
-        s.sendall(raw)
-        s.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    finally:
-        s.close()
-        os.close(fd)
-    return [json.loads(line) for line in data.splitlines()]
 
 
 def test_control_socket_is_private(server, data_dir):
@@ -168,10 +149,10 @@ def test_prime_day_plan_provisioned_while_serving_last_volume_attaches(server, d
 )
 def test_malformed_control_requests_get_one_error_and_change_nothing(server, data_dir, cli, raw, needle):
     before = js(cli("volume", "list", "--json"))
-    replies = control_request(data_dir, raw)
+    replies = control_raw(data_dir, raw)
     assert len(replies) == 1 and replies[0]["ok"] is False and needle in replies[0]["error"], replies
     assert js(cli("volume", "list", "--json")) == before
-    assert control_request(data_dir, b'{"op": "ping"}\n')[0]["result"]["pid"] == server.proc.pid
+    assert control_raw(data_dir, b'{"op": "ping"}\n')[0]["result"]["pid"] == server.proc.pid
     assert server.proc.poll() is None
 
 
@@ -193,7 +174,7 @@ def test_after_kill9_live_commands_work_offline(server, data_dir, cli):
 def test_restart_replaces_a_stale_control_socket(server, data_dir, cli):
     server.kill9()
     server.start()
-    assert control_request(data_dir, b'{"op": "ping"}\n')[0]["result"]["pid"] == server.proc.pid
+    assert control_raw(data_dir, b'{"op": "ping"}\n')[0]["result"]["pid"] == server.proc.pid
     assert js(cli("volume", "show", "vol0", "--json"))["server"] is True
 
 

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import urllib.request
 
@@ -12,7 +11,7 @@ import nbd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, run_cli, wait_for
+from conftest import ROOT, free_port, js, run_cli, wait_for
 
 MiB = 1 << 20
 RULES = os.path.join(ROOT, "tools", "prometheus", "blockd-rules.yml")
@@ -20,12 +19,6 @@ PROM_CONFIG = os.path.join(ROOT, "tools", "prometheus", "prometheus.yml")
 DASHBOARD = os.path.join(ROOT, "tools", "grafana", "blockd.json")
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def scrape(port):
@@ -46,9 +39,6 @@ def names_of(samples):
     return {name for name, _ in samples}
 
 
-def js(proc):
-    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
-    return json.loads(proc.stdout)
 
 
 @pytest.fixture

@@ -8,41 +8,21 @@ limit) have generous margins, since this 2-core machine also runs the test.
 """
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 
 import pytest
 
-from conftest import run_cli, wait_for
+from conftest import control, js, run_cli, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
 
 MiB, GiB = 1 << 20, 1 << 30
 
 
-def js(proc):
-    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
-    return json.loads(proc.stdout)
 
 
-def control(data_dir, request):
-    s = socket.socket(socket.AF_UNIX)
-    fd = os.open(str(data_dir), os.O_PATH)
-    try:
-        s.connect(f"/proc/self/fd/{fd}/control.sock")
-        s.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while chunk := s.recv(1 << 20):
-            data += chunk
-    finally:
-        s.close()
-        os.close(fd)
-    reply = json.loads(data.splitlines()[-1])
-    assert reply["ok"], reply
-    return reply["result"]
 
 
 def fio(server, name, rw, bs, seconds, iodepth=16, jobs=1, size="256M", background=False):

@@ -7,7 +7,6 @@ port.  Ack deadlines are set short (1 s) so failures are detected quickly.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -18,24 +17,15 @@ import zmq
 
 from blockd import keys as keyfiles
 from blockd import replproto as rp
-from conftest import Server, run_cli, wait_for
+from conftest import Server, control, free_port, js, run_cli, wait_for
 
 MiB = 1 << 20
 CHUNK = 4 * MiB
 ACK = "1"
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
-def js(proc):
-    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
-    return json.loads(proc.stdout)
 
 
 class Node:
@@ -320,7 +310,7 @@ def test_hostile_messages_are_refused_and_the_sink_survives(cluster):
     assert _ask(stranger, rp.encode(rp.Message(rp.HEARTBEAT, seq=1)), timeout=1500) is None
     sink = js(b.cli("volume", "list", "--json"))  # the sink's node still answers its CLI
     assert sink is not None
-    status = _control(b, {"op": "sink"})
+    status = control(b.data, {"op": "sink"})
     assert status["refused"].get("unknown_key", 0) >= 1
     assert status["refused"].get("corrupt", 0) >= 1 and status["refused"].get("stale_epoch", 0) >= 1
     assert status["refused"].get("malformed", 0) >= 4
@@ -332,21 +322,6 @@ def test_hostile_messages_are_refused_and_the_sink_survives(cluster):
     h.shutdown()
 
 
-def _control(node, request):
-    s = socket.socket(socket.AF_UNIX)
-    fd = os.open(node.data, os.O_PATH)
-    try:
-        s.connect(f"/proc/self/fd/{fd}/control.sock")
-        s.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    finally:
-        s.close()
-        os.close(fd)
-    reply = json.loads(data.splitlines()[-1])
-    assert reply["ok"], reply
-    return reply["result"]
 
 
 def test_refusals_for_replication_setup(tmp_path):
