@@ -393,6 +393,9 @@ class Engine:
             entry = self._open.get(row["id"])
             if entry is not None and new > entry.volume.size:
                 entry.volume.size = new
+            vr = entry.volume.replication if entry is not None else None
+        if vr is not None:
+            vr.tell_peers()  # replicas grow before a write beyond the old end reaches them
         return old, new
 
     def delete(self, name, force=False):
@@ -420,9 +423,12 @@ class Engine:
                 del self._open[row["id"]]
                 self._retired[row["id"]] = entry
                 cut = entry.refs
+            peers = self.catalog.volume_replicas(row["id"]) if row["repl_id"] is not None else []
             self.catalog.delete_volume(name)
         # Outside the lock (a big volume takes a while): with the row gone, nobody can open it again.
         self.datadir.remove_volume_files(row["id"])
+        if peers and row["role"] == "primary" and self.replication is not None:
+            self.replication.delete_on_peers(row, peers)  # best effort: a peer away keeps an orphan copy
         return cut
 
     def scrub(self, name, progress=None, repair=False):

@@ -796,6 +796,21 @@ class Manager:
         with self._lock:
             return self._volumes.get(volume_id)
 
+    def delete_on_peers(self, row, peers):
+        """Tell each peer to delete its copy; waits briefly for the answers, never fails the delete."""
+        events = []
+        for p in peers:
+            try:
+                link = self.link(p)
+            except BlockdError:
+                continue
+            done = threading.Event()
+            msg = rp.Message(rp.DELETE, volume=row["repl_id"], epoch=row["epoch"], seq=time.time_ns() // 1000)
+            link.send(msg, lambda ok, reply, done=done: done.set())
+            events.append(done)
+        for done in events:
+            done.wait(self.settings.ack_timeout * 2)
+
     def query_copies(self, copies, repl_id):
         return query_copies(copies, self.keys, repl_id, self.settings.insecure, self.settings.ack_timeout)
 
@@ -955,6 +970,10 @@ class Sink:
             volume.zero(msg.offset, msg.length, bool(msg.flags & rp.FUA))
         elif t == rp.FLUSH:
             volume.flush()
+        elif t == rp.DELETE:
+            self._volumes.pop(msg.volume, None)
+            self.engine.release(volume)
+            self.engine.delete(volume.name, force=True)
         elif t == rp.SUMS:
             if msg.offset + msg.length > volume.size:
                 raise _Refuse("range past the end", "range")

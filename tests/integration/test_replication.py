@@ -615,3 +615,26 @@ def test_three_copies_promotion_requires_the_most_up_to_date_survivor(cluster):
     out = js(c.cli("volume", "promote", "v", "--json"))
     assert out["epoch"] == 2 and not out["forced"]
     h.shutdown()
+
+
+def test_resize_reaches_replicas_and_delete_removes_their_copies(cluster):
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
+    b.start()
+    a.start()
+    h = a.connect("v")
+    h.pwrite(b"r" * 4096, 0)
+    wait_in_sync(a, "v")
+    assert js(a.cli("volume", "resize", "v", "--size", "128MiB", "--json"))["online"]
+    h2 = a.connect("v")
+    h2.pwrite(b"beyond" * 682 + b"....", 100 * MiB)  # past the old end: the replica grew first
+    h2.flush()
+    assert replication(a, "v")["peers"]["b"]["state"] == "in_sync"
+    assert js(b.cli("volume", "show", "v", "--json"))["size"] == 128 * MiB
+    assert verify(a, "v")["identical"]
+    h.shutdown()
+    h2.shutdown()
+    wait_for(lambda: not js(a.cli("volume", "show", "v", "--json"))["attached"], what="detach")
+    assert js(a.cli("volume", "delete", "v", "--json"))["deleted"]
+    wait_for(lambda: "v" not in [x["name"] for x in js(b.cli("volume", "list", "--json"))], 30,
+             what="the replica deleted on b")
