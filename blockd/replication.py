@@ -204,7 +204,8 @@ class PeerLink:
                 self._last_io = now
             # Deadlines
             if self._pending:
-                deadline = min(d for d, _, _ in self._pending.values())
+                # Entries go in with now + ack_timeout: the oldest has the earliest deadline.
+                deadline = next(iter(self._pending.values()))[0]
                 if now >= deadline:
                     if self.up:
                         self._fail_all(f"no answer within {self.settings.ack_timeout:g} s")

@@ -59,6 +59,8 @@ TARGET_PRIME = 2.0
 TARGET_BULK_PER_MILLION = 30.0
 TARGET_QUERY = 0.5  # strictly below
 TARGET_SERVER_START = 2.0
+TARGET_SCRAPE = 1.0  # issue 5: a scrape with 15,000 provisioned volumes stays under 1 s
+SCRAPE_ATTACHED = 50  # volumes attached (and so carrying per-volume series) during the second scrape run
 
 DEFAULTS = {"dir": None, "volumes": None, "repeat": None, "startup_runs": None, "quick": False, "keep": False,
             "json": None, "check": False}
@@ -175,8 +177,9 @@ def _options(opts):
 class Serve:
     """`blockd serve --listen unix:SOCK` (exec's nbdkit, so the PID is nbdkit's)."""
 
-    def __init__(self, data_dir, sock, log_path):
+    def __init__(self, data_dir, sock, log_path, extra=()):
         self.data_dir, self.sock, self.log_path = data_dir, sock, log_path
+        self.extra = list(extra)
         self.proc = None
 
     def start(self, timeout=120):
@@ -188,7 +191,7 @@ class Serve:
         with open(self.log_path, "ab") as logf:
             t0 = time.perf_counter()
             self.proc = subprocess.Popen(
-                blockd_cli() + ["--data-dir", self.data_dir, "serve", "--listen", "unix:" + self.sock],
+                blockd_cli() + ["--data-dir", self.data_dir, "serve", "--listen", "unix:" + self.sock, *self.extra],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=bf._pdeathsig)
         last = None
@@ -433,6 +436,60 @@ class ProvisionBench:
         self.res["server"] = out
         shutil.rmtree(empty)
 
+    # -- 3b. a Prometheus scrape with the Prime Day fleet provisioned --
+    def scrape(self):
+        import socket
+        import urllib.request
+
+        import nbd
+
+        d = self.fresh("scrape")
+        timed(self.cli(d, "provision", PRIME_PLAN))
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        sock = os.path.join(self.sockdir or self.tmp, "scrape.sock")
+        srv = Serve(d, sock, self.path("serve-scrape.log"), extra=["--metrics", f"127.0.0.1:{port}"])
+        self.servers.append(srv)
+        out = {"volumes": 15424, "target_s": TARGET_SCRAPE}
+        handles = []
+        try:
+            srv.start()
+
+            def scrape_times(k):
+                times, size = [], 0
+                for _ in range(k):
+                    t0 = time.perf_counter()
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+                        size = len(resp.read())
+                    times.append(time.perf_counter() - t0)
+                return times, size
+
+            for attached in (0, SCRAPE_ATTACHED):
+                while len(handles) < attached:
+                    h = nbd.NBD()
+                    h.set_export_name(f"prime-{len(handles):05d}")
+                    h.connect_unix(sock)
+                    h.pwrite(os.urandom(4096), 0)
+                    handles.append(h)
+                times, size = scrape_times(self.o["repeat"] * 3)
+                entry = summarize(times, TARGET_SCRAPE)
+                entry["bytes"] = size
+                out[f"attached_{attached}"] = entry
+                log(f"scrape with 15,424 volumes provisioned, {attached} attached: median "
+                    f"{entry['median'] * 1e3:.1f} ms, {size / 1024:.0f} KiB")
+        finally:
+            for h in handles:
+                try:
+                    h.shutdown()
+                except nbd.Error:
+                    pass
+            srv.stop()
+            self.servers.remove(srv)
+            shutil.rmtree(d, ignore_errors=True)
+        self.res["scrape"] = out
+
     # -- 4. control-plane start-up and imports --
     def cli_startup(self):
         small = self.fresh("small")
@@ -489,6 +546,7 @@ class ProvisionBench:
         self.prime()
         self.bulk()
         self.server()
+        self.scrape()
 
 
 def summary_rows(res):
@@ -510,6 +568,10 @@ def summary_rows(res):
     if s:
         rows += [("serve_bulk", f"serve: spawn -> NBD handshake ({nl})", s["bulk"]["startup"]),
                  ("serve_empty", "serve: spawn -> NBD handshake (empty)", s["empty"]["startup"])]
+    sc = res.get("scrape")
+    if sc:
+        rows += [("scrape_0", "metrics scrape, 15,424 vols, 0 attached", sc["attached_0"]),
+                 ("scrape_n", f"metrics scrape, {SCRAPE_ATTACHED} attached", sc[f"attached_{SCRAPE_ATTACHED}"])]
     if c:
         rows += [("cli_volume_list_small", f"volume list ({c['small_volumes']} vols)", c["volume_list_small"]),
                  ("cli_import", "python -c 'import blockd.cli'", c["import_blockd_cli"]),
