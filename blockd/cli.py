@@ -349,8 +349,13 @@ def cmd_volume_list(args):
         print("no volumes")
         return
     width = max(len(r["name"]) for r in rows)
-    out = [f"{'NAME':<{width}}  {'SIZE':>10}  TYPE"]
-    out += [f"{r['name']:<{width}}  {format_size(r['size']):>10}  {r['type']}" for r in rows]
+    roles = any(r["role"] != "primary" or r["repl_id"] is not None for r in rows)
+    out = [f"{'NAME':<{width}}  {'SIZE':>10}  {'TYPE':<4}" + ("  ROLE" if roles else "")]
+    for r in rows:
+        role = ""
+        if roles:
+            role = f"  {r['role']}" + (" (replicated)" if r["repl_id"] is not None and r["role"] == "primary" else "")
+        out.append(f"{r['name']:<{width}}  {format_size(r['size']):>10}  {r['type']:<4}{role}")
     print("\n".join(out))
 
 
