@@ -119,7 +119,7 @@ class Metrics:
 
     def __init__(self, engine=None):
         self.engine = engine
-        self._local = threading.local()
+        self._by_thread = {}  # OS thread id -> _ThreadStats
         self._threads = []
         self._lock = threading.Lock()
         self.names = {}  # volume id -> name, for every volume opened since start
@@ -132,14 +132,18 @@ class Metrics:
 
     # ---- the request path -------------------------------------------------------
     def _mine(self):
-        try:
-            return self._local.stats
-        except AttributeError:
-            stats = _ThreadStats()
-            self._local.stats = stats
+        # Keyed by the OS thread, not threading.local: nbdkit gives every callback a fresh Python
+        # thread state, so a thread-local would make (and keep) new counters per request.
+        ident = threading.get_ident()
+        stats = self._by_thread.get(ident)
+        if stats is None:
             with self._lock:
-                self._threads.append(stats)
-            return stats
+                stats = self._by_thread.get(ident)
+                if stats is None:
+                    stats = _ThreadStats()
+                    self._by_thread[ident] = stats
+                    self._threads.append(stats)
+        return stats
 
     def wrap(self, volume, op, fn):
         """``fn`` counted: requests, bytes, errors by errno, in-flight, latency."""

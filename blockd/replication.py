@@ -274,7 +274,7 @@ class Ticket:
 
 class PeerState:
     __slots__ = ("link", "peer_id", "state", "bitmap", "generation", "resync_thread", "resync_total",
-                 "resync_done", "resynced_bytes", "skipped_chunks", "seeded", "unflushed")
+                 "resync_done", "resynced_bytes", "skipped_chunks", "seeded", "unflushed", "_bitmap_lock")
 
     def __init__(self, link, peer_id, state, bitmap, seeded):
         self.link = link
@@ -289,6 +289,20 @@ class PeerState:
         self.skipped_chunks = 0
         self.seeded = seeded
         self.unflushed = set()  # chunks it acknowledged since its last acknowledged flush
+        self._bitmap_lock = threading.Lock()
+
+    def record(self, chunks):
+        """Durably add chunks to its resync bitmap (request, link and resync threads share it)."""
+        with self._bitmap_lock:
+            self.bitmap.add(sorted(chunks))
+
+    def forget(self, chunks):
+        with self._bitmap_lock:
+            self.bitmap.remove(sorted(chunks))
+
+    def pending_chunks(self):
+        with self._bitmap_lock:
+            return sorted(self.bitmap.chunks)
 
 
 class VolumeReplication:
@@ -316,7 +330,7 @@ class VolumeReplication:
             # until their first request says otherwise (the CREATE handshake checks).
             if volume.store.recovered:
                 # Chunks dirty when this node crashed may differ between the copies.
-                bitmap.add(volume.store.recovered)
+                bitmap.add(sorted(volume.store.recovered))
             state = rp.OUT_OF_SYNC if bitmap.chunks else rp.IN_SYNC
             self.peers[p["name"]] = PeerState(manager.link(p), p["peer_id"], state, bitmap, bool(p["seeded"]))
 
@@ -417,6 +431,16 @@ class VolumeReplication:
                     targets.append((name, ps))
                 else:
                     ticket.failed[name] = ps.generation
+                    if chunks and ps.state.state == rp.OUT_OF_SYNC:
+                        # It misses this request: record the chunks for its resync, durably, before the
+                        # request can be acknowledged (a sync only when a chunk is new to the set).  Under
+                        # the condition, so a resync cannot declare it in sync in between.
+                        try:
+                            ps.record(chunks)
+                        except OSError as exc:
+                            raise VolumeFailed(
+                                f"{self.volume.name}: cannot record chunks for {name}'s resync: {exc.strerror}"
+                            ) from exc
         msg = rp.Message(type_, volume=self.repl_id, epoch=self.epoch, seq=seq, offset=offset, length=length,
                          flags=flags, sums=sums, data=data)
         for name, ps in targets:
@@ -468,7 +492,7 @@ class VolumeReplication:
             ps.unflushed = set()
         try:
             if chunks:
-                ps.bitmap.add(sorted(chunks))
+                ps.record(chunks)
         except OSError as exc:
             log(f"{self.volume.name}: resync bitmap for {name}: {exc.strerror}")
         with self._cond:
@@ -578,7 +602,7 @@ class VolumeReplication:
     def _resync(self, name, ps):
         volume = self.volume
         cs = volume.chunk_size
-        chunks = sorted(ps.bitmap.chunks)
+        chunks = ps.pending_chunks()
         ps.resync_total = len(chunks)
         ps.resync_done = 0
         started = time.monotonic()
@@ -586,7 +610,7 @@ class VolumeReplication:
         try:
             log(f"{volume.name}: resyncing {len(chunks)} chunk(s) to {name}")
             while True:
-                chunks = sorted(ps.bitmap.chunks)
+                chunks = ps.pending_chunks()
                 if not chunks:
                     break
                 for c in chunks:
@@ -622,7 +646,7 @@ class VolumeReplication:
         offset = c * cs
         length = min(cs, volume.size - offset)
         if length <= 0:
-            ps.bitmap.remove([c])
+            ps.forget([c])
             return True
         held = volume.lock_range(offset, offset + length)
         try:
@@ -648,7 +672,7 @@ class VolumeReplication:
                 ps.resynced_bytes += length
         finally:
             volume.unlock_range(held)
-        ps.bitmap.remove([c])
+        ps.forget([c])
         return True
 
     # -- read-repair -------------------------------------------------------------------------

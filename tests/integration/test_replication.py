@@ -211,15 +211,22 @@ def test_min_copies_1_is_the_explicit_choice_to_continue_alone(cluster):
     a.start()
     h = a.connect("v")
     h.pwrite(b"x" * 4096, 0)
+    h.flush()
     b.server.kill9()
+    wait_for(lambda: replication(a, "v")["peers"]["b"]["state"] == "out_of_sync", 30, what="b missed")
     a.cli("volume", "set", "v", "--min-copies", "1", check=True)
     t0 = time.monotonic()
-    h.pwrite(b"y" * 4096, 4096)
+    for i in range(16):  # writes to chunks b has not seen touched: every one must reach it by resync
+        h.pwrite(bytes([i + 1]) * 4096, i * CHUNK + 4096)
     h.flush()
     assert time.monotonic() - t0 < 10
     assert replication(a, "v")["min_copies"] == 1
+    assert replication(a, "v")["peers"]["b"]["resync_remaining_chunks"] == 16
     bad = a.cli("volume", "set", "v", "--min-copies", "3")
     assert bad.returncode == 2 and "2 copies" in bad.stderr
+    b.start()
+    wait_in_sync(a, "v")
+    assert verify(a, "v")["identical"]
     h.shutdown()
 
 
