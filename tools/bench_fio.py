@@ -353,3 +353,21 @@ def command_output(argv):
         return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+class Holder:
+    """A libnbd connection that keeps a volume attached (per-volume counters live only while it is open)."""
+
+    def __init__(self, uri):
+        import nbd
+
+        self.h = nbd.NBD()
+        self.h.connect_uri(uri)
+
+    def close(self):
+        if self.h is not None:
+            try:
+                self.h.shutdown()
+            except Exception:
+                pass
+            self.h = None

@@ -178,22 +178,7 @@ def _options(opts):
     return o
 
 
-class Holder:
-    """A libnbd connection that keeps a volume attached (its QoS counters live while attached)."""
-
-    def __init__(self, uri):
-        import nbd
-
-        self.h = nbd.NBD()
-        self.h.connect_uri(uri)
-
-    def close(self):
-        if self.h is not None:
-            try:
-                self.h.shutdown()
-            except Exception:
-                pass
-            self.h = None
+Holder = bf.Holder  # keeps a volume attached: its QoS counters live while attached
 
 
 # ---- the benchmark ---------------------------------------------------------------------

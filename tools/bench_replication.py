@@ -435,22 +435,7 @@ class Node:
         return self.server.pid if self.server is not None else None
 
 
-class Holder:
-    """A libnbd connection that keeps a volume open (its replication status exists while it is open)."""
-
-    def __init__(self, uri):
-        import nbd
-
-        self.h = nbd.NBD()
-        self.h.connect_uri(uri)
-
-    def close(self):
-        if self.h is not None:
-            try:
-                self.h.shutdown()
-            except Exception:
-                pass
-            self.h = None
+Holder = bf.Holder  # keeps a volume open: its replication status exists while it is open
 
 
 # ---- the benchmark ----------------------------------------------------------------------------
