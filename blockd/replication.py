@@ -263,13 +263,14 @@ class PeerLink:
 
 # ---- tickets: one replicated request waiting for its quorum --------------------------------------
 class Ticket:
-    __slots__ = ("chunks", "acked", "failed", "done")
+    __slots__ = ("chunks", "acked", "failed", "done", "event")
 
     def __init__(self, chunks):
         self.chunks = chunks
         self.acked = set()  # peers that acknowledged
         self.failed = {}  # peer -> its sync generation when it failed this request
         self.done = False
+        self.event = threading.Event()  # set when an answer to it arrives, or anything changes the quorum
 
 
 class PeerState:
@@ -317,6 +318,7 @@ class VolumeReplication:
         self.settings = manager.settings
         self._cond = threading.Condition()
         self._seq = time.time_ns() // 1000  # rises across restarts: survivors compare applied seqs
+        self._waiting = set()  # tickets a request thread is waiting on
         self.peers = {}  # name -> PeerState
         self.fenced = False
         # Writable only once a peer confirms our epoch is current (a restarted primary may
@@ -372,7 +374,7 @@ class VolumeReplication:
                 state = {}
             with self._cond:
                 self.confirmed = True  # a copy at our epoch or older answered: we are the current primary
-                self._cond.notify_all()
+                self._wake_all()
             if self._promoted:
                 self._promoted = False
                 try:
@@ -460,7 +462,7 @@ class VolumeReplication:
                         ps.unflushed.update(ticket.chunks)
                     else:
                         ticket.failed[name] = ps.generation
-                    self._cond.notify_all()
+                ticket.event.set()  # only the request waiting on it: no stampede of every waiter
                 return
             chunks = set(ticket.chunks) | at_risk if at_risk else ticket.chunks
             code = None
@@ -475,7 +477,7 @@ class VolumeReplication:
                 self.manager.fence(self, body.get("epoch"), name)
                 with self._cond:
                     ticket.failed[name] = ps.generation
-                    self._cond.notify_all()
+                    self._wake_all()
                 return
             self._missed(name, ps, chunks, reply if isinstance(reply, str) else f"refused ({code})", ticket=ticket)
 
@@ -502,7 +504,7 @@ class VolumeReplication:
                 if ps.state.state != rp.OUT_OF_SYNC:
                     log(f"{self.volume.name}: peer {name} out of sync: {reason}")
                 ps.state.on("missed")
-            self._cond.notify_all()
+            self._wake_all()
 
     def send_write(self, offset, data, fua=False):
         length = len(data)
@@ -536,25 +538,38 @@ class VolumeReplication:
 
     def wait(self, ticket):
         deadline = time.monotonic() + self.settings.write_timeout
-        with self._cond:
+        try:
             while True:
-                if self.fenced:
-                    raise VolumeFailed(f"{self.volume.name}: fenced: a newer primary holds epoch > {self.epoch}")
-                if self._copies(ticket) >= self.min_copies:
-                    ticket.done = True
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise VolumeFailed(
-                        f"{self.volume.name}: only {self._copies(ticket)} of the {self.min_copies} copies it needs "
-                        f"acknowledged within {self.settings.write_timeout:g} s"
-                    )
-                self._cond.wait(min(left, 0.5))
+                with self._cond:
+                    if self.fenced:
+                        raise VolumeFailed(f"{self.volume.name}: fenced: a newer primary holds epoch > {self.epoch}")
+                    if self._copies(ticket) >= self.min_copies:
+                        ticket.done = True
+                        return
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise VolumeFailed(
+                            f"{self.volume.name}: only {self._copies(ticket)} of the {self.min_copies} copies it "
+                            f"needs acknowledged within {self.settings.write_timeout:g} s"
+                        )
+                    # Cleared under the condition: an answer that lands after the check above sets it again.
+                    ticket.event.clear()
+                    self._waiting.add(ticket)
+                ticket.event.wait(min(left, 0.5))
+        finally:
+            with self._cond:
+                self._waiting.discard(ticket)
+
+    def _wake_all(self):
+        """Called with the condition held: something changed every request's quorum."""
+        self._cond.notify_all()
+        for t in self._waiting:
+            t.event.set()
 
     def set_min_copies(self, n):
         with self._cond:
             self.min_copies = n
-            self._cond.notify_all()
+            self._wake_all()
         self.tell_peers()
 
     # -- resync ---------------------------------------------------------------------------
@@ -627,7 +642,7 @@ class VolumeReplication:
                 if not ps.bitmap.chunks and ps.state.state == rp.RESYNCING:
                     ps.state.on("resynced")
                     ps.generation += 1
-                    self._cond.notify_all()
+                    self._wake_all()
                     log(f"{volume.name}: peer {name} in sync ({ps.resync_done} chunk(s), "
                         f"{ps.skipped_chunks} already equal)")
             if ps.state.counts:
@@ -636,7 +651,7 @@ class VolumeReplication:
             with self._cond:
                 if ps.state.state == rp.RESYNCING:
                     ps.state.on("missed")
-                self._cond.notify_all()
+                self._wake_all()
         finally:
             ps.resync_thread = None
 
@@ -809,7 +824,7 @@ class Manager:
         a replica (the new primary resyncs it)."""
         with vr._cond:
             vr.fenced = True
-            vr._cond.notify_all()
+            vr._wake_all()
         log(f"{vr.volume.name}: peer {by} holds epoch {epoch} > {vr.epoch}: fenced, now a replica")
         self.detach(vr.volume)
         try:
