@@ -469,6 +469,18 @@ def _print_show(info):
               f"({stats['throttled_seconds']:.1f} s waiting)")
 
 
+def _offline(datadir, edit):
+    """``edit(catalog)`` with no server running: under the data-dir lock `_live` took, released after."""
+    try:
+        catalog = datadir.catalog(create=False)
+        try:
+            return edit(catalog)
+        finally:
+            catalog.close()
+    finally:
+        datadir.unlock()
+
+
 def _live(datadir, name):
     """("online", sock) with a server running, else ("offline", lock fd): see control.wait_for_server_or_lock."""
     _find(datadir, name)  # unknown volume: refused before waiting for anything
@@ -484,14 +496,7 @@ def cmd_volume_resize(args):
         result = control.call(handle, "resize", name=args.name, size=size)
         old = result["old_size"]
     else:
-        try:
-            catalog = datadir.catalog(create=False)
-            try:
-                old, _ = catalog.resize_volume(args.name, size)
-            finally:
-                catalog.close()
-        finally:
-            datadir.unlock()
+        old, _ = _offline(datadir, lambda catalog: catalog.resize_volume(args.name, size))
     if args.json:
         _print({"name": args.name, "old_size": old, "size": size, "online": mode == "online"})
     else:
@@ -505,15 +510,8 @@ def cmd_volume_delete(args):
     if mode == "online":
         cut = control.call(handle, "delete", name=args.name, force=args.force)["connections_cut"]
     else:
-        try:
-            catalog = datadir.catalog(create=False)
-            try:
-                volume_id = catalog.delete_volume(args.name)
-            finally:
-                catalog.close()
-            datadir.remove_volume_files(volume_id)
-        finally:
-            datadir.unlock()
+        # Files go while the lock is still held: no server can open the volume meanwhile.
+        _offline(datadir, lambda catalog: datadir.remove_volume_files(catalog.delete_volume(args.name)))
     if args.json:
         _print({"name": args.name, "deleted": True, "connections_cut": cut, "online": mode == "online"})
     elif cut:
@@ -551,14 +549,7 @@ def cmd_volume_modify(args):
     if mode == "online":
         control.call(handle, "modify", name=args.name, reset=reset, **changes)
     else:
-        try:
-            catalog = datadir.catalog(create=False)
-            try:
-                catalog.modify_volume(args.name, reset=tuple(reset), **_kw(changes))
-            finally:
-                catalog.close()
-        finally:
-            datadir.unlock()
+        _offline(datadir, lambda catalog: catalog.modify_volume(args.name, reset=tuple(reset), **_kw(changes)))
     row = _find(datadir, args.name)
     info = _volume_json(row)
     info["modification"] = voltypes.modification(row, time.time())
@@ -587,14 +578,7 @@ def cmd_volume_set_credits(args):
         live = control.call(handle, "set-credits", name=args.name, credits=credits)
         balance = live["burst_balance"]
     else:
-        try:
-            catalog = datadir.catalog(create=False)
-            try:
-                catalog.set_credits(args.name, credits, wall)
-            finally:
-                catalog.close()
-        finally:
-            datadir.unlock()
+        _offline(datadir, lambda catalog: catalog.set_credits(args.name, credits, wall))
         depth = voltypes.restored_credits(row, wall)[1]
         balance = 100.0 * credits / depth
     if args.json:
@@ -660,22 +644,18 @@ def cmd_volume_promote(args):
         from . import keys
         from .engine import Engine
 
+        from .replication import query_copies
+
         try:
-            own = None
+            node_keys = None  # the key pair once: our public key tells us apart from the other copies
             try:
-                own = keys.load_public(_key_dir(args))
+                node_keys = keys.load(_key_dir(args))
             except BlockdError:
                 pass
             engine = Engine(datadir)
             try:
-                node_keys = None
-                try:
-                    node_keys = keys.load(_key_dir(args))
-                except BlockdError:
-                    pass
-                from .replication import query_copies
-
-                report = engine.promote(args.name, force=args.force, own_key=own,
+                report = engine.promote(args.name, force=args.force,
+                                        own_key=node_keys[0].decode() if node_keys else None,
                                         survivors=lambda copies, rid: query_copies(copies, node_keys, rid))
             finally:
                 engine.close()
@@ -698,14 +678,7 @@ def cmd_volume_set(args):
     if mode == "online":
         control.call(handle, "set-min-copies", name=args.name, min_copies=args.min_copies)
     else:
-        try:
-            catalog = datadir.catalog(create=False)
-            try:
-                catalog.set_min_copies(args.name, args.min_copies)
-            finally:
-                catalog.close()
-        finally:
-            datadir.unlock()
+        _offline(datadir, lambda catalog: catalog.set_min_copies(args.name, args.min_copies))
     if args.json:
         _print({"name": args.name, "min_copies": args.min_copies, "online": mode == "online"})
     else:
