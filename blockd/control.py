@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from . import errors
+from . import errors, pythreads
 from .errors import BadInput, BlockdError, Busy
 from .sizes import check_name, check_volume_size
 
@@ -160,7 +160,8 @@ class ControlServer:
 
     # ---- operations ----------------------------------------------------------
     def _op_ping(self, request, emit):
-        return {"pid": os.getpid(), "metrics": self.metrics}
+        return {"pid": os.getpid(), "metrics": self.metrics, "thread_states": pythreads.kept(),
+                "thread_states_deleted": pythreads.deleted}
 
     def _op_attached(self, request, emit):
         if request.get("name") is None:

@@ -132,8 +132,9 @@ class Metrics:
 
     # ---- the request path -------------------------------------------------------
     def _mine(self):
-        # Keyed by the OS thread, not threading.local: nbdkit gives every callback a fresh Python
-        # thread state, so a thread-local would make (and keep) new counters per request.
+        # Keyed by the OS thread, not threading.local: a thread-local lives as long as a Python
+        # thread state, and nbdkit makes a fresh one per callback unless blockd.pythreads keeps it
+        # (the plugin does; code that calls in some other way may not).
         ident = threading.get_ident()
         stats = self._by_thread.get(ident)
         if stats is None:

@@ -3,13 +3,16 @@
     nbdkit python plugins/blockd_nbd.py data_dir=DIR [lock_fd=N]
 
 Each callback is one call into ``blockd``; errors are translated to the errno
-the client should see (``nbdkit.set_error``) here and nowhere else.  Usually
+the client should see (``nbdkit.set_error``) here and nowhere else.  Each data
+callback first keeps its worker thread's Python thread state (blockd/pythreads.py:
+nbdkit would otherwise build and delete one per request).  Usually
 started by ``blockd serve``, which takes the data-dir lock and passes it on.
 """
 
 import nbdkit
 
 from blockd import nbd_adapter as blockd
+from blockd.pythreads import keep as _keep_thread_state
 
 API_VERSION = 2
 
@@ -116,6 +119,7 @@ def can_multi_conn(h):
 
 
 def pread(h, buf, offset, flags):
+    _keep_thread_state()
     try:
         h.read(buf, offset)
     except Exception as exc:
@@ -123,6 +127,7 @@ def pread(h, buf, offset, flags):
 
 
 def pwrite(h, buf, offset, flags):
+    _keep_thread_state()
     try:
         h.write(buf, offset, flags & nbdkit.FLAG_FUA)
     except Exception as exc:
@@ -130,6 +135,7 @@ def pwrite(h, buf, offset, flags):
 
 
 def flush(h, flags):
+    _keep_thread_state()
     try:
         h.flush()
     except Exception as exc:
@@ -137,6 +143,7 @@ def flush(h, flags):
 
 
 def trim(h, count, offset, flags):
+    _keep_thread_state()
     try:
         h.trim(offset, count, flags & nbdkit.FLAG_FUA)
     except Exception as exc:
@@ -144,6 +151,7 @@ def trim(h, count, offset, flags):
 
 
 def zero(h, count, offset, flags):
+    _keep_thread_state()
     try:
         h.zero(offset, count, flags & nbdkit.FLAG_FUA)
     except Exception as exc:
@@ -151,6 +159,7 @@ def zero(h, count, offset, flags):
 
 
 def cache(h, count, offset, flags):
+    _keep_thread_state()
     try:
         h.cache(offset, count)
     except Exception as exc:
@@ -158,6 +167,7 @@ def cache(h, count, offset, flags):
 
 
 def extents(h, count, offset, flags):
+    _keep_thread_state()
     try:
         return h.extents(offset, count, flags & nbdkit.FLAG_REQ_ONE)
     except Exception as exc:
