@@ -461,14 +461,23 @@ class Engine:
         except Exception:  # a listing must never fail the handshake
             return []
 
-    def flush_all(self):
-        """Flush every open volume; returns the names that failed."""
+    def flush_all(self, closing_timeout=60.0):
+        """Flush every open volume, and wait for those whose last connection is closing (their close
+        flushes them): leaving in the middle of that flush would leave work for crash recovery.
+        Returns the names that failed (or were still closing after ``closing_timeout`` seconds)."""
         failed = []
         for volume in self.open_volumes():
             try:
                 volume.flush()
             except Exception:
                 failed.append(volume.name)
+        deadline = time.monotonic() + closing_timeout
+        with self._lock:
+            while self._closing and time.monotonic() < deadline:
+                self._closed.wait(max(0.0, deadline - time.monotonic()))
+            closing = set(self._closing)
+        if closing:
+            failed += [f"volume id {i} (still closing)" for i in sorted(closing)]
         return failed
 
     def close(self):

@@ -36,6 +36,7 @@ from . import checksum, replproto as rp
 from .errors import BadInput, BlockdError, NotFound, ReadOnly, Refused, VolumeFailed
 from .geometry import BLOCK_SIZE
 from .intent import IntentLog
+from .volume import block_hashes
 
 DEFAULT_ACK_TIMEOUT = 2.0
 DEFAULT_WRITE_TIMEOUT = 30.0
@@ -82,6 +83,8 @@ class PeerLink:
         self.on_up = on_up  # called (on the link thread) when the peer answers again after a failure
         self.on_down = on_down  # called (on the link thread) when a peer that answered stops answering
         self._queue = collections.deque()
+        self._queue_lock = threading.Lock()
+        self._polling = False  # the link thread is (about to be) in poll: a new message must wake it
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._pending = collections.OrderedDict()  # (volume, seq) -> (deadline, callback)
@@ -110,7 +113,11 @@ class PeerLink:
     # -- called from any thread --
     def send(self, msg, callback):
         """Queue ``msg``; ``callback(ok, reply_or_reason)`` runs on the link thread."""
-        self._queue.append((msg, callback, time.monotonic()))
+        with self._queue_lock:
+            self._queue.append((msg, callback, time.monotonic()))
+            if not self._polling:
+                return  # the link thread is busy and drains the queue before it polls again
+            self._polling = False
         self._wakeup()
 
     def _wakeup(self):
@@ -149,8 +156,9 @@ class PeerLink:
         self.failures += 1
         pending = list(self._pending.values())
         self._pending.clear()
-        queued = list(self._queue)
-        self._queue.clear()
+        with self._queue_lock:  # taken whole: a message queued meanwhile is failed too, never dropped
+            queued = list(self._queue)
+            self._queue.clear()
         for _, callback, _ in pending:
             callback(False, reason)
         for _, callback, _ in queued:
@@ -219,7 +227,12 @@ class PeerLink:
                 timeout_ms = max(1, int(self.settings.heartbeat * 1000))
             if self._queue and not self.up:
                 timeout_ms = min(timeout_ms, 20)  # re-check queued messages' deadlines
+            with self._queue_lock:
+                if self._queue and self.up:
+                    continue  # queued meanwhile: send it before polling
+                self._polling = True
             events = dict(poller.poll(timeout_ms))
+            self._polling = False
             if self._wake_r in events:
                 try:
                     while os.read(self._wake_r, 4096):
@@ -263,14 +276,27 @@ class PeerLink:
 
 # ---- tickets: one replicated request waiting for its quorum --------------------------------------
 class Ticket:
-    __slots__ = ("chunks", "acked", "failed", "done", "event")
+    __slots__ = ("chunks", "acked", "failed", "done", "_signal")
 
     def __init__(self, chunks):
         self.chunks = chunks
         self.acked = set()  # peers that acknowledged
         self.failed = {}  # peer -> its sync generation when it failed this request
         self.done = False
-        self.event = threading.Event()  # set when an answer to it arrives, or anything changes the quorum
+        # A binary semaphore, released when an answer to it arrives or anything changes the quorum:
+        # a bare lock costs a fraction of an Event (a Condition and a notify_all per answer).
+        self._signal = threading.Lock()
+        self._signal.acquire()
+
+    def wake(self):
+        try:
+            self._signal.release()
+        except RuntimeError:
+            pass  # already signalled, not yet seen
+
+    def sleep(self, timeout):
+        """Until woken (or a wake-up not yet seen) or ``timeout``; the caller re-checks what it waits for."""
+        self._signal.acquire(timeout=timeout)
 
 
 class PeerState:
@@ -321,6 +347,7 @@ class VolumeReplication:
         self._waiting = set()  # tickets a request thread is waiting on
         self.peers = {}  # name -> PeerState
         self.fenced = False
+        self.closed = False  # the volume closed: no resync may read through it any more
         # Writable only once a peer confirms our epoch is current (a restarted primary may
         # have been superseded while it was down); with no peers there is nobody to ask.
         self.confirmed = not peers or row["sync_state"] == "promoted"
@@ -462,7 +489,7 @@ class VolumeReplication:
                         ps.unflushed.update(ticket.chunks)
                     else:
                         ticket.failed[name] = ps.generation
-                ticket.event.set()  # only the request waiting on it: no stampede of every waiter
+                ticket.wake()  # only the request waiting on it: no stampede of every waiter
                 return
             chunks = set(ticket.chunks) | at_risk if at_risk else ticket.chunks
             code = None
@@ -506,10 +533,12 @@ class VolumeReplication:
                 ps.state.on("missed")
             self._wake_all()
 
-    def send_write(self, offset, data, fua=False):
+    def send_write(self, offset, data, fua=False, sums=None):
+        """Send a write of whole blocks; ``sums`` are their checksums when the caller has them."""
         length = len(data)
-        sums = np.empty(length // BLOCK_SIZE, dtype=np.uint64)
-        checksum.hash_blocks(data, sums)
+        if sums is None:
+            sums = np.empty(length // BLOCK_SIZE, dtype=np.uint64)
+            checksum.hash_blocks(data, sums)
         payload = bytes(memoryview(data).cast("B"))  # the one copy: nbdkit's buffer dies with the callback
         return self._send(rp.WRITE, offset, length, self._chunks(offset, length), flags=rp.FUA if fua else 0,
                           sums=sums.tobytes(), data=payload)
@@ -552,10 +581,9 @@ class VolumeReplication:
                             f"{self.volume.name}: only {self._copies(ticket)} of the {self.min_copies} copies it "
                             f"needs acknowledged within {self.settings.write_timeout:g} s"
                         )
-                    # Cleared under the condition: an answer that lands after the check above sets it again.
-                    ticket.event.clear()
+                    # A wake-up after the check above stays pending: sleep() returns at once.
                     self._waiting.add(ticket)
-                ticket.event.wait(min(left, 0.5))
+                ticket.sleep(min(left, 0.5))
         finally:
             with self._cond:
                 self._waiting.discard(ticket)
@@ -564,7 +592,7 @@ class VolumeReplication:
         """Called with the condition held: something changed every request's quorum."""
         self._cond.notify_all()
         for t in self._waiting:
-            t.event.set()
+            t.wake()
 
     def set_min_copies(self, n):
         with self._cond:
@@ -593,7 +621,7 @@ class VolumeReplication:
     def start_resync(self, name):
         ps = self.peers[name]
         with self._cond:
-            if ps.resync_thread is not None or ps.state.state != rp.OUT_OF_SYNC:
+            if ps.resync_thread is not None or ps.state.state != rp.OUT_OF_SYNC or self.closed:
                 return
             ps.state.on("reconnected")
             ps.resync_thread = threading.Thread(target=self._resync, args=(name, ps), daemon=True,
@@ -621,7 +649,7 @@ class VolumeReplication:
         ps.resync_total = len(chunks)
         ps.resync_done = 0
         started = time.monotonic()
-        sent_bytes = 0
+        sent_before = ps.resynced_bytes
         try:
             log(f"{volume.name}: resyncing {len(chunks)} chunk(s) to {name}")
             while True:
@@ -629,12 +657,21 @@ class VolumeReplication:
                 if not chunks:
                     break
                 for c in chunks:
-                    ok = self._resync_chunk(name, ps, c)
+                    if self.closed:
+                        raise _ResyncAborted()  # the volume closed: the next open resumes from the bitmap
+                    try:
+                        ok = self._resync_chunk(name, ps, c)
+                    except BlockdError as exc:
+                        # e.g. a local checksum error: this copy cannot vouch for the chunk.  It stays
+                        # in the bitmap and the peer out of sync (scrub --repair, then a new resync).
+                        log(f"{volume.name}: resync to {name} stopped at chunk {c}: {exc}")
+                        raise _ResyncAborted() from None
                     if not ok:
                         raise _ResyncAborted()
                     ps.resync_done += 1
-                    sent_bytes += cs
-                    # Throttle: never faster than resync_mibps on average.
+                    # Throttle the data sent: never faster than resync_mibps on average.  A chunk found
+                    # equal cost a SUMS round trip, not a chunk of data, and does not count.
+                    sent_bytes = ps.resynced_bytes - sent_before
                     ahead = sent_bytes / (self.settings.resync_mibps * 1024 * 1024) - (time.monotonic() - started)
                     if ahead > 0:
                         time.sleep(ahead)
@@ -689,6 +726,17 @@ class VolumeReplication:
             volume.unlock_range(held)
         ps.forget([c])
         return True
+
+    def close(self, wait=True):
+        """The volume is closing: stop its resyncs (they read through this Volume object, whose
+        checksums go stale once another opens the volume) and, with ``wait``, wait for them."""
+        with self._cond:
+            self.closed = True
+            threads = [ps.resync_thread for ps in self.peers.values() if ps.resync_thread is not None]
+            self._wake_all()
+        if wait:
+            for t in threads:
+                t.join()
 
     # -- read-repair -------------------------------------------------------------------------
     def fetch_block(self, offset, expected):
@@ -815,9 +863,11 @@ class Manager:
         vr.create_on_peers()
         return vr
 
-    def detach(self, volume):
+    def detach(self, volume, wait=True):
         with self._lock:
-            self._volumes.pop(volume.volume_id, None)
+            vr = self._volumes.pop(volume.volume_id, None)
+        if vr is not None:
+            vr.close(wait)
 
     def fence(self, vr, epoch, by):
         """A peer holds a newer epoch: this copy was superseded.  Never writable again here: it becomes
@@ -826,7 +876,7 @@ class Manager:
             vr.fenced = True
             vr._wake_all()
         log(f"{vr.volume.name}: peer {by} holds epoch {epoch} > {vr.epoch}: fenced, now a replica")
-        self.detach(vr.volume)
+        self.detach(vr.volume, wait=False)  # maybe on the link thread, which a resync may be waiting on
         try:
             self.engine.fence(vr.volume.volume_id, epoch if isinstance(epoch, int) else vr.epoch + 1)
         except Exception as exc:
@@ -874,7 +924,7 @@ class Sink:
         self.refused = collections.Counter()  # reason -> count
         self.applied = collections.Counter()  # type name -> count
         self.applied_seq = {}  # repl_id -> last seq applied
-        self._volumes = {}  # repl_id -> Volume (opened for the sink)
+        self._volumes = {}  # repl_id -> (Volume opened for the sink, the epoch last checked in the catalog)
         self._auth = None
         self._sock = None
 
@@ -916,7 +966,8 @@ class Sink:
     def _run(self):
         while True:
             try:
-                frames = self._sock.recv_multipart(copy=True)
+                # Frames, not bytes: a WRITE's data is hashed and written from zmq's buffer, never copied.
+                frames = self._sock.recv_multipart(copy=False)
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.ETERM:
                     return
@@ -924,9 +975,9 @@ class Sink:
             if len(frames) < 2:
                 self.refused["malformed"] += 1
                 continue
-            ident, body = frames[0], frames[1:]
+            ident, body = frames[0].bytes, frames[1:]
             try:
-                msg = rp.decode(body)
+                msg = rp.decode([f.buffer for f in body])
             except rp.ProtocolError as exc:
                 self.refused["malformed"] += 1
                 log(f"sink: refused a malformed message: {exc}")
@@ -943,6 +994,7 @@ class Sink:
                 reply = self._nack(msg, str(exc), exc.code, **exc.extra)
             except BlockdError as exc:
                 self.refused["error"] += 1
+                self._volumes.pop(msg.volume, None)  # look it up again next time (deleted, failed...)
                 reply = self._nack(msg, str(exc), "error")
             except Exception as exc:  # a bug: answer, log, keep serving
                 self.refused["error"] += 1
@@ -965,6 +1017,11 @@ class Sink:
                           length=len(data), sums=sums, data=data)
 
     def _volume(self, msg):
+        # The catalog is read only when a volume is first seen or its epoch changes: every path that
+        # changes a replica's row (CREATE, DELETE, promotion through drop()) drops the cached entry.
+        cached = self._volumes.get(msg.volume)
+        if cached is not None and cached[1] == msg.epoch:
+            return cached[0]
         row = self.catalog.volume_by_repl_id(msg.volume)
         if row is None:
             raise _Refuse(f"no replica with replication id {msg.volume} here", "unknown_volume")
@@ -974,10 +1031,8 @@ class Sink:
             raise _Refuse(f"volume {row['name']} is a primary here (epoch {row['epoch']})", "not_replica")
         if msg.epoch > row["epoch"]:
             self.catalog.set_epoch_role(row["id"], msg.epoch, "replica")
-        volume = self._volumes.get(msg.volume)
-        if volume is None:
-            volume = self.engine.open(row["name"], replica=True)
-            self._volumes[msg.volume] = volume
+        volume = cached[0] if cached is not None else self.engine.open(row["name"], replica=True)
+        self._volumes[msg.volume] = (volume, msg.epoch)
         return volume
 
     def _handle(self, msg):
@@ -996,14 +1051,13 @@ class Sink:
                                    volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
         volume = self._volume(msg)
         if t == rp.WRITE or t == rp.RESYNC:
-            data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
-            got = np.empty(len(data) // BLOCK_SIZE, dtype=np.uint64)
-            checksum.hash_blocks(data, got)
-            if got.tobytes() != bytes(msg.sums):
-                raise _Refuse("checksum mismatch on receipt: refused corrupt data", "corrupt")
             if msg.offset + msg.length > volume.size:
                 raise _Refuse(f"write past the end ({volume.size} bytes)", "range")
-            volume.write(data, msg.offset, bool(msg.flags & rp.FUA))
+            data = np.frombuffer(msg.data, dtype=np.uint8)
+            hashed = block_hashes(data)  # verified here, then reused by the write: hashed once
+            if hashed[0].tobytes() != msg.sums:
+                raise _Refuse("checksum mismatch on receipt: refused corrupt data", "corrupt")
+            volume.write(data, msg.offset, bool(msg.flags & rp.FUA), hashed=hashed)
         elif t == rp.TRIM:
             volume.trim(msg.offset, msg.length, bool(msg.flags & rp.FUA))
         elif t == rp.ZERO:
@@ -1060,9 +1114,9 @@ class Sink:
                 self.catalog.set_epoch_role(row["id"], msg.epoch, "replica")
             if int(info["size"]) > row["size"]:
                 self.catalog.resize_volume(row["name"], int(info["size"]))
-                volume = self._volumes.get(msg.volume)
-                if volume is not None:
-                    volume.size = int(info["size"])
+                cached = self._volumes.get(msg.volume)
+                if cached is not None:
+                    cached[0].size = int(info["size"])
         import json as _json
 
         self.catalog.set_replica_view(row["id"], info.get("state"), int(info.get("min_copies", 1)),
@@ -1072,8 +1126,9 @@ class Sink:
         return rp.json_message(rp.ACK, reply, volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
 
     def drop(self, repl_id):
-        """Forget an open replica (it is being promoted here)."""
-        return self._volumes.pop(repl_id, None)
+        """Forget an open replica (it is being promoted here); returns its Volume if it was open."""
+        cached = self._volumes.pop(repl_id, None)
+        return cached[0] if cached is not None else None
 
     def status(self):
         return {"address": self.address, "refused": dict(self.refused), "applied": dict(self.applied),

@@ -50,6 +50,14 @@ class NullEvents:
         pass
 
 
+def block_hashes(data):
+    """(xxh64 per block, all-zero flag per block, number of zero blocks) of whole blocks ``data``."""
+    nblocks = len(data) // BLOCK_SIZE
+    sums = np.empty(nblocks, dtype=np.uint64)
+    zflags = np.empty(nblocks, dtype=np.uint8)
+    return sums, zflags, checksum.hash_blocks_zero(data, sums, zflags)
+
+
 class Volume:
     def __init__(self, name, volume_id, size, store, readonly=False, events=None):
         self.name = name
@@ -191,7 +199,9 @@ class Volume:
             )
 
     # ---- write -------------------------------------------------------------
-    def write(self, buf, offset, fua=False):
+    def write(self, buf, offset, fua=False, hashed=None):
+        """Write ``buf`` at ``offset``.  ``hashed`` = (sums, zero flags, zero count) of ``buf`` when the
+        caller already has them (the replication sink verified them on receipt); aligned writes only."""
         length = len(buf)
         self._check_writable()
         self._check_range(offset, length)
@@ -210,10 +220,12 @@ class Volume:
                 data = np.frombuffer(buf, dtype=np.uint8)
             else:
                 data = self._merge_edges(buf, offset, start, end)
+                hashed = None
             if repl is not None:
+                hashed = block_hashes(data)  # once: for the replicas' checksum frame and for our own store
                 # Sent under the range lock: overlapping writes reach every copy in the order applied here.
-                ticket = repl.send_write(start, data, fua)
-            touched = self._write_blocks(data, start)
+                ticket = repl.send_write(start, data, fua, hashed[0])
+            touched = self._write_blocks(data, start, hashed)
         finally:
             self._locks.release(held)
         if fua:
@@ -233,13 +245,10 @@ class Volume:
         view[offset - start : offset - start + len(buf)] = memoryview(buf).cast("B")
         return np.frombuffer(tmp, dtype=np.uint8)
 
-    def _write_blocks(self, data, offset):
+    def _write_blocks(self, data, offset, hashed=None):
         """Write whole blocks at aligned ``offset``; all-zero blocks become holes."""
         store = self.store
-        nblocks = len(data) // BLOCK_SIZE
-        sums = np.empty(nblocks, dtype=np.uint64)
-        zflags = np.empty(nblocks, dtype=np.uint8)
-        nzero = checksum.hash_blocks_zero(data, sums, zflags)
+        sums, zflags, nzero = hashed if hashed is not None else block_hashes(data)
         segs = segments(offset, len(data), self.chunk_size)
         chunks = [s.chunk_index for s in segs]
         with store.writing(chunks):
