@@ -47,7 +47,7 @@ def build_parser():
     p = sub.add_parser("serve", help="serve every volume over NBD (runs nbdkit in the foreground)")
     _add_data_dir(p)
     p.add_argument("--listen", default="127.0.0.1:10809", help="HOST:PORT or unix:PATH (default 127.0.0.1:10809)")
-    p.add_argument("--threads", type=int, default=None, help="nbdkit worker threads per connection (default 1: see docs/ARCHITECTURE.md)")
+    p.add_argument("--threads", type=int, default=None, help="nbdkit worker threads per connection (default 4: see docs/ARCHITECTURE.md)")
     p.add_argument("--verbose", action="store_true", help="nbdkit debug output")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default; make run uses 127.0.0.1:9810)")

@@ -17,7 +17,7 @@ from . import jitcache
 from .errors import BadInput, BlockdError, Refused
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
-DEFAULT_THREADS = 1  # per connection; measured best (tools/bench --sweep-threads): see docs/ARCHITECTURE.md
+DEFAULT_THREADS = 4  # per connection; measured best (tools/bench --sweep-threads): see docs/ARCHITECTURE.md
 URI_LIST_MAX = 20
 
 

@@ -74,7 +74,7 @@ from blockd import control as _control  # noqa: E402  (the client `volume show -
 FLOOR = 0.5  # replicated / unreplicated, both workloads
 VOLUME_SIZE = 1 * GiB
 PLAIN, REPL, PROBE = "plain", "repl", "probe"
-BLOCKD_DEFAULT_THREADS = 1  # blockd/server.py DEFAULT_THREADS (read from the running command line when possible)
+BLOCKD_DEFAULT_THREADS = 4  # blockd/server.py DEFAULT_THREADS (read from the running command line when possible)
 DEFAULT_RESYNC_MIBPS = 256  # blockd/replication.py DEFAULT_RESYNC_MIBPS
 POLL = 0.05  # seconds between replication-status polls while timing a resync
 FIO_STARTUP = 0.2  # seconds from spawning fio to its first I/O, roughly
