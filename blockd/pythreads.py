@@ -61,6 +61,8 @@ def _keep():
 def _reap(current_tid):
     """Delete the kept states of threads that have exited (caller holds _lock and the GIL)."""
     global deleted
+    if not os.path.exists(f"/proc/self/task/{current_tid}"):
+        return  # no /proc of our own (not mounted, another PID namespace): cannot tell; keep them all
     for tid, state in list(_kept.items()):
         # A thread id in use by the calling thread cannot belong to a live earlier thread.
         if tid == current_tid or not os.path.exists(f"/proc/self/task/{tid}"):
@@ -68,6 +70,14 @@ def _reap(current_tid):
             _api.PyThreadState_Clear(state)
             _api.PyThreadState_Delete(state)
             deleted += 1
+
+
+def _forget_after_fork():
+    # In a forked child only the forking thread survives and CPython deletes the others' states.
+    _kept.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def kept():

@@ -225,11 +225,11 @@ class PeerLink:
                 timeout_ms = max(1, int((deadline - now) * 1000))
             else:
                 timeout_ms = max(1, int(self.settings.heartbeat * 1000))
-            if self._queue and not self.up:
-                timeout_ms = min(timeout_ms, 20)  # re-check queued messages' deadlines
             with self._queue_lock:
-                if self._queue and self.up:
-                    continue  # queued meanwhile: send it before polling
+                if self._queue:
+                    if self.up:
+                        continue  # queued meanwhile: send it before polling
+                    timeout_ms = min(timeout_ms, 20)  # re-check queued messages' deadlines
                 self._polling = True
             events = dict(poller.poll(timeout_ms))
             self._polling = False
@@ -626,7 +626,8 @@ class VolumeReplication:
             ps.state.on("reconnected")
             ps.resync_thread = threading.Thread(target=self._resync, args=(name, ps), daemon=True,
                                                 name=f"blockd-resync-{self.volume.name}-{name}")
-        ps.resync_thread.start()
+            # Started under the condition: close() never sees a thread it cannot join yet.
+            ps.resync_thread.start()
 
     def _request(self, ps, msg, timeout=None):
         done = threading.Event()
@@ -925,11 +926,15 @@ class Sink:
         self.applied = collections.Counter()  # type name -> count
         self.applied_seq = {}  # repl_id -> last seq applied
         self._volumes = {}  # repl_id -> (Volume opened for the sink, the epoch last checked in the catalog)
+        self._cache_lock = threading.Lock()  # the sink thread fills the cache; promotion (drop) empties it
+        self._uncached = set()  # repl_ids promoted here: always looked up in the catalog
+        self._release_after = []  # volumes opened for one message only
         self._auth = None
         self._sock = None
+        self._thread = None
 
     def start(self):
-        self.ctx = zmq.Context.instance()
+        self.ctx = zmq.Context()  # its own (and its own I/O thread): stop() can end it alone
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -945,8 +950,18 @@ class Sink:
             sock.zap_domain = b"blockd"
         sock.bind(self.address)
         self._sock = sock
-        threading.Thread(target=self._run, name="blockd-sink", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="blockd-sink", daemon=True)
+        self._thread.start()
         return self
+
+    def stop(self):
+        """Stop serving and unbind (a server stops by exiting; tests stop sinks)."""
+        if self._auth is not None:
+            self._auth.stop()
+        ctx, self.ctx = self.ctx, None
+        if ctx is not None:
+            ctx.term()  # the sink thread's receive fails with ETERM; it closes its socket, then term returns
+        self._thread.join(10)
 
     # ZAP credentials provider (zmq.auth callback protocol)
     def callback(self, domain, key):
@@ -970,6 +985,7 @@ class Sink:
                 frames = self._sock.recv_multipart(copy=False)
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.ETERM:
+                    self._sock.close(linger=0)
                     return
                 continue
             if len(frames) < 2:
@@ -994,12 +1010,17 @@ class Sink:
                 reply = self._nack(msg, str(exc), exc.code, **exc.extra)
             except BlockdError as exc:
                 self.refused["error"] += 1
-                self._volumes.pop(msg.volume, None)  # look it up again next time (deleted, failed...)
+                self._forget(msg.volume)  # look it up again next time (deleted, failed...)
                 reply = self._nack(msg, str(exc), "error")
             except Exception as exc:  # a bug: answer, log, keep serving
                 self.refused["error"] += 1
                 log(f"sink: {rp.NAMES.get(msg.type)}: {type(exc).__name__}: {exc}")
                 reply = self._nack(msg, f"internal error: {exc}", "error")
+            while self._release_after:
+                try:
+                    self.engine.release(self._release_after.pop())
+                except Exception as exc:
+                    log(f"sink: releasing a volume: {exc}")
             self._reply(ident, reply)
 
     def _reply(self, ident, msg):
@@ -1016,9 +1037,17 @@ class Sink:
         return rp.Message(rp.ACK, volume=msg.volume, epoch=msg.epoch, seq=msg.seq, offset=msg.offset,
                           length=len(data), sums=sums, data=data)
 
+    def _forget(self, repl_id):
+        """Drop a cached replica and the engine reference it held (the next message looks it up again)."""
+        with self._cache_lock:
+            cached = self._volumes.pop(repl_id, None)
+        if cached is not None:
+            self.engine.release(cached[0])
+
     def _volume(self, msg):
-        # The catalog is read only when a volume is first seen or its epoch changes: every path that
-        # changes a replica's row (CREATE, DELETE, promotion through drop()) drops the cached entry.
+        # The catalog is read only when a volume is first seen or a message carries another epoch.
+        # Every path that changes a replica's row drops the cached entry first: CREATE (epoch, role,
+        # size), DELETE, errors, and promotion here (drop(), which also stops caching the volume).
         cached = self._volumes.get(msg.volume)
         if cached is not None and cached[1] == msg.epoch:
             return cached[0]
@@ -1031,8 +1060,21 @@ class Sink:
             raise _Refuse(f"volume {row['name']} is a primary here (epoch {row['epoch']})", "not_replica")
         if msg.epoch > row["epoch"]:
             self.catalog.set_epoch_role(row["id"], msg.epoch, "replica")
-        volume = cached[0] if cached is not None else self.engine.open(row["name"], replica=True)
-        self._volumes[msg.volume] = (volume, msg.epoch)
+        if cached is not None:
+            volume = cached[0]
+        else:
+            volume = self.engine.open(row["name"], replica=True)
+        with self._cache_lock:
+            if msg.volume in self._uncached:
+                # Being promoted here (drop() ran after our catalog read): apply this one message,
+                # as if it had come a moment earlier, but hold no reference past it.
+                self._volumes.pop(msg.volume, None)
+                keep = False
+            else:
+                self._volumes[msg.volume] = (volume, msg.epoch)
+                keep = True
+        if not keep:
+            self._release_after.append(volume)
         return volume
 
     def _handle(self, msg):
@@ -1065,8 +1107,10 @@ class Sink:
         elif t == rp.FLUSH:
             volume.flush()
         elif t == rp.DELETE:
-            self._volumes.pop(msg.volume, None)
-            self.engine.release(volume)
+            with self._cache_lock:
+                cached = self._volumes.pop(msg.volume, None)
+            if cached is not None:
+                self.engine.release(volume)
             self.engine.delete(volume.name, force=True)
         elif t == rp.SUMS:
             if msg.offset + msg.length > volume.size:
@@ -1103,6 +1147,9 @@ class Sink:
         else:
             if msg.epoch < row["epoch"]:
                 raise _Stale(row)
+            # The row may change below (epoch, role, size): the next message looks it up again, so a
+            # superseded primary's message at the old epoch meets the catalog, not a stale cache.
+            self._forget(msg.volume)
             if row["role"] == "primary":
                 if msg.epoch == row["epoch"]:
                     raise _Refuse(f"volume {row['name']} is a primary here at the same epoch {row['epoch']}",
@@ -1114,9 +1161,6 @@ class Sink:
                 self.catalog.set_epoch_role(row["id"], msg.epoch, "replica")
             if int(info["size"]) > row["size"]:
                 self.catalog.resize_volume(row["name"], int(info["size"]))
-                cached = self._volumes.get(msg.volume)
-                if cached is not None:
-                    cached[0].size = int(info["size"])
         import json as _json
 
         self.catalog.set_replica_view(row["id"], info.get("state"), int(info.get("min_copies", 1)),
@@ -1126,8 +1170,11 @@ class Sink:
         return rp.json_message(rp.ACK, reply, volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
 
     def drop(self, repl_id):
-        """Forget an open replica (it is being promoted here); returns its Volume if it was open."""
-        cached = self._volumes.pop(repl_id, None)
+        """Forget an open replica (it is being promoted here) and never cache it again; returns its
+        Volume if it was open (the caller releases it)."""
+        with self._cache_lock:
+            self._uncached.add(repl_id)
+            cached = self._volumes.pop(repl_id, None)
         return cached[0] if cached is not None else None
 
     def status(self):

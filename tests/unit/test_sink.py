@@ -1,0 +1,78 @@
+"""The replication sink over a real ZeroMQ socket (plaintext, loopback) and a real engine and catalog:
+its cache of open replicas must never outlive what the catalog says about them."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import zmq
+
+from blockd import checksum
+from blockd import replproto as rp
+from blockd.replication import Settings, Sink
+from conftest import free_port
+from enginekit import Rig
+
+REPL_ID = 77
+
+
+@pytest.fixture
+def sink(tmp_path):
+    rig = Rig(tmp_path / "data")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    s = Sink(rig.engine, address, None, Settings(insecure=True), []).start()
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(address)
+
+    def ask(msg):
+        dealer.send_multipart(rp.encode(msg))
+        assert dealer.poll(10000), "the sink did not answer"
+        return rp.decode(dealer.recv_multipart())
+
+    yield rig, s, ask
+    dealer.close(0)
+    s.stop()
+
+
+def _create(ask, epoch):
+    info = {"name": "v", "size": 1 << 20, "type": "raw", "chunk_size": 64 * 1024, "min_copies": 1}
+    return ask(rp.json_message(rp.CREATE, info, volume=REPL_ID, epoch=epoch, seq=1))
+
+
+def _write(ask, epoch, seq, byte):
+    data = np.full(4096, byte, np.uint8)
+    sums = np.empty(1, np.uint64)
+    checksum.hash_blocks(data, sums)
+    return ask(rp.Message(rp.WRITE, volume=REPL_ID, epoch=epoch, seq=seq, offset=0, length=4096,
+                          sums=sums.tobytes(), data=data.tobytes()))
+
+
+def test_a_superseded_primary_is_refused_after_a_newer_create(sink):
+    rig, s, ask = sink
+    assert _create(ask, 1).type == rp.ACK
+    assert _write(ask, 1, 2, 1).type == rp.ACK  # cached at epoch 1
+    assert _create(ask, 2).type == rp.ACK  # a promoted primary announces epoch 2
+    reply = _write(ask, 1, 3, 2)  # the old primary, still writing at epoch 1
+    assert reply.type == rp.NACK and reply.json()["code"] == "stale_epoch"
+    assert _write(ask, 2, 4, 3).type == rp.ACK
+
+
+def test_failed_requests_do_not_pile_up_references_to_the_replica(sink):
+    rig, s, ask = sink
+    assert _create(ask, 1).type == rp.ACK
+    assert _write(ask, 1, 2, 9).type == rp.ACK
+    rig.engine.open("v", replica=True).flush()  # on disk, then let our own reference go
+    volume_id = rig.engine.catalog.volume("v")["id"]
+    rig.engine.release(rig.engine._open[volume_id].volume)
+    (chunk,) = glob.glob(os.path.join(rig.datadir.volume_path(volume_id), "*.chunk"))
+    with open(chunk, "r+b") as f:  # a flipped byte: READ fails with a checksum error
+        f.seek(100)
+        f.write(b"\x00")
+    os.posix_fadvise(os.open(chunk, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
+    s._forget(REPL_ID)  # drop the cached Volume (and its checksum cache): the next message reopens it
+    for seq in range(10, 13):
+        reply = ask(rp.Message(rp.READ, volume=REPL_ID, epoch=1, seq=seq, offset=0, length=4096))
+        assert reply.type == rp.NACK and reply.json()["code"] == "error"
+    assert volume_id not in rig.engine._open or rig.engine._open[volume_id].refs <= 1
