@@ -100,6 +100,9 @@ class PeerLink:
         self._last_io = 0.0
         self._probe = None
         self._stop = False
+        self._direct = {}  # OS thread id -> that request thread's own DEALER to the peer
+        self._reset = None  # set by a request thread whose message went unanswered: fail the link
+        self._direct_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"blockd-link-{name}", daemon=True)
 
     def start(self):
@@ -129,6 +132,45 @@ class PeerLink:
     def next_seq(self):
         self._seq += 1
         return self._seq
+
+    # -- a request thread's own socket (writes go out and come back without the link thread) --
+    def direct_socket(self):
+        """The calling thread's own DEALER to the peer, made on first use (a zmq socket belongs to
+        one thread).  Sockets of threads that have exited are closed when a new one is made."""
+        tid = threading.get_native_id()
+        sock = self._direct.get(tid)
+        if sock is not None:
+            return sock
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if not self.settings.insecure:
+            curve_client(sock, self.keys, self.public_key)
+        sock.connect(self.address)
+        with self._direct_lock:
+            if os.path.exists(f"/proc/self/task/{tid}"):  # else no /proc to tell the dead: keep them all
+                for other, old in list(self._direct.items()):
+                    if not os.path.exists(f"/proc/self/task/{other}"):
+                        del self._direct[other]
+                        old.close(linger=0)  # its thread is gone: nobody else uses it
+            self._direct[tid] = sock
+        return sock
+
+    def reset(self, reason):
+        """A request thread got no answer in time on its own socket: the link thread fails the link as
+        if its own message had timed out (the peer is probed, and answers again through on_up)."""
+        self._reset = reason
+        self._wakeup()
+
+    def drop_direct(self, sock):
+        """The calling thread gives up its socket (no answer in time, or a bad one): a new one next time,
+        so a late answer can never be taken for another request's."""
+        with self._direct_lock:
+            tid = threading.get_native_id()
+            if self._direct.get(tid) is sock:
+                del self._direct[tid]
+        sock.close(linger=0)
 
     def pending(self):
         return len(self._pending) + len(self._queue)
@@ -171,6 +213,9 @@ class PeerLink:
     def _run(self):
         poller = zmq.Poller()
         while not self._stop:
+            reset, self._reset = self._reset, None
+            if reset is not None and self._sock is not None and self.up:
+                self._fail_all(reset)
             if self._sock is None:
                 self._connect()
                 poller = zmq.Poller()
@@ -275,11 +320,27 @@ class PeerLink:
 
 
 # ---- tickets: one replicated request waiting for its quorum --------------------------------------
+class _Direct:
+    """One message a request thread sent on its own socket, until its answer or deadline."""
+
+    __slots__ = ("sock", "seq", "callback", "deadline", "sent_at", "link", "size")
+
+    def __init__(self, sock, seq, callback, sent_at, deadline, link, size):
+        self.sock = sock
+        self.seq = seq
+        self.callback = callback
+        self.sent_at = sent_at
+        self.deadline = deadline
+        self.link = link
+        self.size = size
+
+
 class Ticket:
-    __slots__ = ("chunks", "acked", "failed", "done", "_signal")
+    __slots__ = ("chunks", "acked", "failed", "done", "_signal", "direct")
 
     def __init__(self, chunks):
         self.chunks = chunks
+        self.direct = None  # [_Direct]: answers this request thread collects itself
         self.acked = set()  # peers that acknowledged
         self.failed = {}  # peer -> its sync generation when it failed this request
         self.done = False
@@ -301,7 +362,8 @@ class Ticket:
 
 class PeerState:
     __slots__ = ("link", "peer_id", "state", "bitmap", "generation", "resync_thread", "resync_total",
-                 "resync_done", "resynced_bytes", "skipped_chunks", "seeded", "unflushed", "_bitmap_lock")
+                 "resync_done", "resynced_bytes", "skipped_chunks", "seeded", "unflushed", "_bitmap_lock",
+                 "created")
 
     def __init__(self, link, peer_id, state, bitmap, seeded):
         self.link = link
@@ -317,6 +379,8 @@ class PeerState:
         self.seeded = seeded
         self.unflushed = set()  # chunks it acknowledged since its last acknowledged flush
         self._bitmap_lock = threading.Lock()
+        # It answered this open's CREATE: writes may then bypass the link (nothing must overtake CREATE).
+        self.created = False
 
     def record(self, chunks):
         """Durably add chunks to its resync bitmap (request, link and resync threads share it)."""
@@ -401,6 +465,7 @@ class VolumeReplication:
                 state = {}
             with self._cond:
                 self.confirmed = True  # a copy at our epoch or older answered: we are the current primary
+                ps.created = True
                 self._wake_all()
             if self._promoted:
                 self._promoted = False
@@ -472,13 +537,95 @@ class VolumeReplication:
                             ) from exc
         msg = rp.Message(type_, volume=self.repl_id, epoch=self.epoch, seq=seq, offset=offset, length=length,
                          flags=flags, sums=sums, data=data)
+        frames = None
         for name, ps in targets:
             at_risk = None
             if type_ == rp.FLUSH:
                 with self._cond:
                     at_risk, ps.unflushed = ps.unflushed, set()  # what this flush makes durable there
-            ps.link.send(msg, self._callback(ticket, name, ps, at_risk))
+            callback = self._callback(ticket, name, ps, at_risk)
+            link = ps.link
+            if ps.created and link.up:
+                # On this thread's own socket: no hand-off to the link thread and back.  Overlapping
+                # writes stay ordered because the caller holds the range lock until collect().
+                if frames is None:
+                    frames = rp.encode(msg)
+                try:
+                    sock = link.direct_socket()
+                    sock.send_multipart(frames, copy=False)
+                except zmq.ZMQError:
+                    link.send(msg, callback)
+                    continue
+                link.sent += 1
+                link.bytes_sent += len(data)
+                now = time.monotonic()
+                if ticket.direct is None:
+                    ticket.direct = []
+                ticket.direct.append(_Direct(sock, seq, callback, now, now + self.settings.ack_timeout, link,
+                                             len(data)))
+                continue
+            link.send(msg, callback)
         return ticket
+
+    def collect(self, ticket):
+        """Take the answers to what this thread sent on its own sockets, or give up on them at their
+        deadline (the peer then misses the request, as on the link).  Bounded by the ack timeout."""
+        pending = ticket.direct
+        while pending:
+            now = time.monotonic()
+            for d in [d for d in pending if now >= d.deadline]:
+                pending.remove(d)
+                d.link.drop_direct(d.sock)
+                reason = f"no answer within {self.settings.ack_timeout:g} s"
+                d.link.reset(reason)
+                d.callback(False, reason)
+            if not pending:
+                break
+            timeout_ms = max(1, int((min(d.deadline for d in pending) - now) * 1000))
+            try:
+                if len(pending) == 1:
+                    ready = [pending[0].sock] if pending[0].sock.poll(timeout_ms) else []
+                else:
+                    poller = zmq.Poller()
+                    for d in pending:
+                        poller.register(d.sock, zmq.POLLIN)
+                    ready = [sock for sock, _ in poller.poll(timeout_ms)]
+            except zmq.ZMQError as exc:
+                for d in list(pending):
+                    pending.remove(d)
+                    d.link.drop_direct(d.sock)
+                    d.callback(False, f"receive failed: {exc}")
+                break
+            for sock in ready:
+                d = next(d for d in pending if d.sock is sock)
+                self._take(d, pending)
+
+    def _take(self, d, pending):
+        while True:
+            try:
+                frames = d.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                pending.remove(d)
+                d.link.drop_direct(d.sock)
+                d.callback(False, f"receive failed: {exc}")
+                return
+            try:
+                reply = rp.decode(frames)
+            except rp.ProtocolError as exc:
+                pending.remove(d)
+                d.link.drop_direct(d.sock)
+                d.callback(False, f"malformed reply: {exc}")
+                return
+            if reply.seq != d.seq or reply.volume != self.repl_id:
+                continue  # an answer to an earlier request on this socket, already given up
+            pending.remove(d)
+            link = d.link
+            link.acks += 1
+            link.ack_seconds += time.monotonic() - d.sent_at
+            d.callback(reply.type == rp.ACK, reply)
+            return
 
     def _callback(self, ticket, name, ps, at_risk=None):
         def answered(ok, reply):
@@ -566,6 +713,8 @@ class VolumeReplication:
         return n
 
     def wait(self, ticket):
+        if ticket.direct:
+            self.collect(ticket)
         deadline = time.monotonic() + self.settings.write_timeout
         try:
             while True:

@@ -683,3 +683,38 @@ def test_a_resync_stops_when_its_volume_closes_and_resumes_at_the_next_open(clus
     assert verify(a, "v")["identical"]
     assert "Traceback" not in a.server.log()
     h.shutdown()
+
+
+def test_a_stalled_replica_times_out_then_catches_up(cluster):
+    """SIGSTOP the replica: writes sent on the request threads' own sockets get no answer, the
+    primary gives up on them at the ack deadline (min-copies 1: the writes succeed), marks the peer
+    out of sync and records the chunks; after SIGCONT the late answers are ignored, the resync runs
+    and the copies are identical."""
+    import signal
+
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", "--min-copies", "1", check=True)
+    b.start()
+    a.start()
+    h = a.connect("v")
+    for c in range(4):
+        h.pwrite(os.urandom(8192), c * CHUNK)
+    h.flush()
+    wait_in_sync(a, "v")
+    b.server.proc.send_signal(signal.SIGSTOP)
+    try:
+        cookies = [h.aio_pwrite(os.urandom(4096), c * CHUNK + 8192) for c in range(8)]
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for cookie in cookies:
+            assert h.aio_command_completed(cookie)
+        st = replication(a, "v")["peers"]["b"]
+        assert st["state"] == "out_of_sync" and st["resync_remaining_chunks"] >= 8
+    finally:
+        b.server.proc.send_signal(signal.SIGCONT)
+    wait_in_sync(a, "v")
+    h.pwrite(b"z" * 4096, 10 * CHUNK)  # new writes after the catch-up reach b again
+    h.flush()
+    assert verify(a, "v")["identical"]
+    assert "Traceback" not in a.server.log()
+    h.shutdown()
