@@ -100,7 +100,9 @@ class PeerLink:
         self._last_io = 0.0
         self._probe = None
         self._stop = False
-        self._direct = {}  # OS thread id -> that request thread's own DEALER to the peer
+        self._stats_lock = threading.Lock()  # the link thread and request threads both count
+        self._local = threading.local()  # .sock: this request thread's own DEALER (thread states are kept)
+        self._direct = {}  # OS thread id -> that DEALER, to close those of threads that have exited
         self._reset = None  # set by a request thread whose message went unanswered: fail the link
         self._direct_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"blockd-link-{name}", daemon=True)
@@ -137,10 +139,10 @@ class PeerLink:
     def direct_socket(self):
         """The calling thread's own DEALER to the peer, made on first use (a zmq socket belongs to
         one thread).  Sockets of threads that have exited are closed when a new one is made."""
-        tid = threading.get_native_id()
-        sock = self._direct.get(tid)
+        sock = getattr(self._local, "sock", None)
         if sock is not None:
             return sock
+        tid = threading.get_native_id()
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -149,13 +151,27 @@ class PeerLink:
             curve_client(sock, self.keys, self.public_key)
         sock.connect(self.address)
         with self._direct_lock:
+            old = self._direct.pop(tid, None)
+            if old is not None:
+                old.close(linger=0)  # our thread id, so its thread has exited: nobody else uses it
             if os.path.exists(f"/proc/self/task/{tid}"):  # else no /proc to tell the dead: keep them all
                 for other, old in list(self._direct.items()):
                     if not os.path.exists(f"/proc/self/task/{other}"):
                         del self._direct[other]
                         old.close(linger=0)  # its thread is gone: nobody else uses it
             self._direct[tid] = sock
+        self._local.sock = sock
         return sock
+
+    def count_sent(self, nbytes):
+        with self._stats_lock:
+            self.sent += 1
+            self.bytes_sent += nbytes
+
+    def count_ack(self, seconds):
+        with self._stats_lock:
+            self.acks += 1
+            self.ack_seconds += seconds
 
     def reset(self, reason):
         """A request thread got no answer in time on its own socket: the link thread fails the link as
@@ -166,6 +182,7 @@ class PeerLink:
     def drop_direct(self, sock):
         """The calling thread gives up its socket (no answer in time, or a bad one): a new one next time,
         so a late answer can never be taken for another request's."""
+        self._local.sock = None
         with self._direct_lock:
             tid = threading.get_native_id()
             if self._direct.get(tid) is sock:
@@ -239,8 +256,7 @@ class PeerLink:
                 except zmq.ZMQError as exc:
                     self._fail_all(f"send failed: {exc}")
                     break
-                self.sent += 1
-                self.bytes_sent += len(msg.data)
+                self.count_sent(len(msg.data))
             if self._sock is None:
                 continue
             # Probe (heartbeat) when idle or not yet up.
@@ -306,8 +322,7 @@ class PeerLink:
             if entry is None:
                 continue  # a late answer to something already failed
             _, callback, sent_at = entry
-            self.acks += 1
-            self.ack_seconds += self._last_io - sent_at
+            self.count_ack(self._last_io - sent_at)
             callback(msg.type == rp.ACK, msg)
 
     def _probe_done(self, ok, reply):
@@ -363,7 +378,7 @@ class Ticket:
 class PeerState:
     __slots__ = ("link", "peer_id", "state", "bitmap", "generation", "resync_thread", "resync_total",
                  "resync_done", "resynced_bytes", "skipped_chunks", "seeded", "unflushed", "_bitmap_lock",
-                 "created")
+                 "created", "link_pending")
 
     def __init__(self, link, peer_id, state, bitmap, seeded):
         self.link = link
@@ -381,6 +396,7 @@ class PeerState:
         self._bitmap_lock = threading.Lock()
         # It answered this open's CREATE: writes may then bypass the link (nothing must overtake CREATE).
         self.created = False
+        self.link_pending = 0  # writes queued on the link and not yet answered: later ones follow them there
 
     def record(self, chunks):
         """Durably add chunks to its resync bitmap (request, link and resync threads share it)."""
@@ -545,7 +561,9 @@ class VolumeReplication:
                     at_risk, ps.unflushed = ps.unflushed, set()  # what this flush makes durable there
             callback = self._callback(ticket, name, ps, at_risk)
             link = ps.link
-            if ps.created and link.up:
+            # Direct only when no earlier write to this peer is still queued on the link: the link and
+            # the request threads' sockets are separate connections, with no order between them.
+            if ps.created and link.up and not ps.link_pending:
                 # On this thread's own socket: no hand-off to the link thread and back.  Overlapping
                 # writes stay ordered because the caller holds the range lock until collect().
                 if frames is None:
@@ -554,34 +572,37 @@ class VolumeReplication:
                     sock = link.direct_socket()
                     sock.send_multipart(frames, copy=False)
                 except zmq.ZMQError:
-                    link.send(msg, callback)
+                    self._send_on_link(ps, msg, callback)
                     continue
-                link.sent += 1
-                link.bytes_sent += len(data)
+                link.count_sent(len(data))
                 now = time.monotonic()
                 if ticket.direct is None:
                     ticket.direct = []
                 ticket.direct.append(_Direct(sock, seq, callback, now, now + self.settings.ack_timeout, link,
                                              len(data)))
                 continue
-            link.send(msg, callback)
+            self._send_on_link(ps, msg, callback)
         return ticket
+
+    def _send_on_link(self, ps, msg, callback):
+        with self._cond:
+            ps.link_pending += 1
+
+        def answered(ok, reply):
+            with self._cond:
+                ps.link_pending -= 1
+            callback(ok, reply)
+
+        ps.link.send(msg, answered)
 
     def collect(self, ticket):
         """Take the answers to what this thread sent on its own sockets, or give up on them at their
         deadline (the peer then misses the request, as on the link).  Bounded by the ack timeout."""
         pending = ticket.direct
         while pending:
-            now = time.monotonic()
-            for d in [d for d in pending if now >= d.deadline]:
-                pending.remove(d)
-                d.link.drop_direct(d.sock)
-                reason = f"no answer within {self.settings.ack_timeout:g} s"
-                d.link.reset(reason)
-                d.callback(False, reason)
-            if not pending:
-                break
-            timeout_ms = max(1, int((min(d.deadline for d in pending) - now) * 1000))
+            # Poll first (with no wait once a deadline passed): an answer that came while this thread
+            # was busy elsewhere (a long local flush) is taken, not counted as missing.
+            timeout_ms = max(0, int((min(d.deadline for d in pending) - time.monotonic()) * 1000) + 1)
             try:
                 if len(pending) == 1:
                     ready = [pending[0].sock] if pending[0].sock.poll(timeout_ms) else []
@@ -592,13 +613,23 @@ class VolumeReplication:
                     ready = [sock for sock, _ in poller.poll(timeout_ms)]
             except zmq.ZMQError as exc:
                 for d in list(pending):
-                    pending.remove(d)
-                    d.link.drop_direct(d.sock)
-                    d.callback(False, f"receive failed: {exc}")
+                    self._give_up(d, pending, f"receive failed: {exc}")
                 break
             for sock in ready:
                 d = next(d for d in pending if d.sock is sock)
                 self._take(d, pending)
+            now = time.monotonic()
+            for d in [d for d in pending if now >= d.deadline]:
+                self._give_up(d, pending, f"no answer within {self.settings.ack_timeout:g} s")
+
+    def _give_up(self, d, pending, reason):
+        """No usable answer on a request thread's socket: the peer missed it (recorded first), the socket
+        is closed (a late answer can never match another request), and the link is reset, as if its own
+        message had failed, so the peer is probed and resynced when it answers."""
+        pending.remove(d)
+        d.link.drop_direct(d.sock)
+        d.callback(False, reason)
+        d.link.reset(reason)
 
     def _take(self, d, pending):
         while True:
@@ -607,23 +638,17 @@ class VolumeReplication:
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
-                pending.remove(d)
-                d.link.drop_direct(d.sock)
-                d.callback(False, f"receive failed: {exc}")
+                self._give_up(d, pending, f"receive failed: {exc}")
                 return
             try:
                 reply = rp.decode(frames)
             except rp.ProtocolError as exc:
-                pending.remove(d)
-                d.link.drop_direct(d.sock)
-                d.callback(False, f"malformed reply: {exc}")
+                self._give_up(d, pending, f"malformed reply: {exc}")
                 return
             if reply.seq != d.seq or reply.volume != self.repl_id:
                 continue  # an answer to an earlier request on this socket, already given up
             pending.remove(d)
-            link = d.link
-            link.acks += 1
-            link.ack_seconds += time.monotonic() - d.sent_at
+            d.link.count_ack(time.monotonic() - d.sent_at)
             d.callback(reply.type == rp.ACK, reply)
             return
 
@@ -631,9 +656,11 @@ class VolumeReplication:
         def answered(ok, reply):
             if ok:
                 with self._cond:
+                    # Acknowledged but not yet flushed there: at risk if that machine loses power, so a
+                    # later miss records these chunks, whether or not this answer counted.
+                    ps.unflushed.update(ticket.chunks)
                     if ps.state.counts:
                         ticket.acked.add(name)
-                        ps.unflushed.update(ticket.chunks)
                     else:
                         ticket.failed[name] = ps.generation
                 ticket.wake()  # only the request waiting on it: no stampede of every waiter

@@ -416,7 +416,11 @@ class Volume:
     def flush(self):
         repl = self.replication
         ticket = repl.send_flush() if repl is not None else None
-        self.store.flush()
+        try:
+            self.store.flush()
+        finally:
+            if ticket is not None:
+                repl.collect(ticket)  # even if the local flush failed: the replicas' answers are recorded
         if ticket is not None:
             repl.wait(ticket)
 
