@@ -143,13 +143,7 @@ class PeerLink:
         if sock is not None:
             return sock
         tid = threading.get_native_id()
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        if not self.settings.insecure:
-            curve_client(sock, self.keys, self.public_key)
-        sock.connect(self.address)
+        sock = self._dealer()
         with self._direct_lock:
             old = self._direct.pop(tid, None)
             if old is not None:
@@ -193,7 +187,8 @@ class PeerLink:
         return len(self._pending) + len(self._queue)
 
     # -- the link thread --
-    def _connect(self):
+    def _dealer(self):
+        """A new DEALER connected to the peer (CurveZMQ unless insecure), for one thread's use."""
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -201,7 +196,10 @@ class PeerLink:
         if not self.settings.insecure:
             curve_client(sock, self.keys, self.public_key)
         sock.connect(self.address)
-        self._sock = sock
+        return sock
+
+    def _connect(self):
+        self._sock = self._dealer()
         self._probe = None
         self._last_io = time.monotonic()
 

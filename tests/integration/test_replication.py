@@ -84,6 +84,20 @@ def wait_in_sync(node, volume, timeout=60):
     wait_for(ok, timeout, interval=0.1, what=f"{volume} in sync on every peer")
 
 
+def start_in_sync(primary, replicas, volume, chunks, nbytes):
+    """Start the replicas, then the primary; write ``nbytes`` of random data at the start of each of
+    the first ``chunks`` chunks, flush, wait until every peer is in sync; the open handle."""
+    for node in replicas:
+        node.start()
+    primary.start()
+    h = primary.connect(volume)
+    for c in range(chunks):
+        h.pwrite(os.urandom(nbytes), c * CHUNK)
+    h.flush()
+    wait_in_sync(primary, volume)
+    return h
+
+
 def verify(node, volume):
     out = node.cli("verify", volume, "--json", timeout=300)
     assert out.returncode in (0, 1), out.stderr
@@ -560,13 +574,7 @@ def test_two_nodes_in_namespaces_link_cut_then_restored(tmp_path, sock_dir, netn
     b.cli("peer", "add", "a", a.address, "--public-key", a.public, check=True)
     a.cli("volume", "create", "v", "--size", "512MiB", "--replica", "b", check=True)
     try:
-        b.start()
-        a.start()
-        h = a.connect("v")
-        for i in range(32):
-            h.pwrite(os.urandom(65536), i * CHUNK)
-        h.flush()
-        wait_in_sync(a, "v")
+        h = start_in_sync(a, [b], "v", 32, 65536)
         ns_a, _, dev_a = netns_pair["a"]
         subprocess.run(["ip", "-n", ns_a, "link", "set", dev_a, "down"], check=True)
         done = threading.Event()
@@ -653,12 +661,7 @@ def test_a_resync_stops_when_its_volume_closes_and_resumes_at_the_next_open(clus
     a, b = cluster(2)
     a.server.extra += ["--resync-rate", "2"]  # MiB/s: 16 dirty chunks take ~30 s
     a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
-    b.start()
-    a.start()
-    h = a.connect("v")
-    h.pwrite(os.urandom(4096), 0)
-    h.flush()
-    wait_in_sync(a, "v")
+    h = start_in_sync(a, [b], "v", 1, 4096)
     a.cli("volume", "set", "v", "--min-copies", "1", check=True)
     b.server.kill9()
     wait_for(lambda: replication(a, "v")["peers"]["b"]["state"] == "out_of_sync", 30, interval=0.1,
@@ -694,13 +697,7 @@ def test_a_stalled_replica_times_out_then_catches_up(cluster):
 
     a, b = cluster(2)
     a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", "--min-copies", "1", check=True)
-    b.start()
-    a.start()
-    h = a.connect("v")
-    for c in range(4):
-        h.pwrite(os.urandom(8192), c * CHUNK)
-    h.flush()
-    wait_in_sync(a, "v")
+    h = start_in_sync(a, [b], "v", 4, 8192)
     b.server.proc.send_signal(signal.SIGSTOP)
     try:
         cookies = [h.aio_pwrite(os.urandom(4096), c * CHUNK + 8192) for c in range(8)]
