@@ -62,6 +62,15 @@ class Settings:
 
 
 # ---- keys -------------------------------------------------------------------------------
+def _call(callback, ok, reply):
+    """Run an answer's callback on the link thread: one that raises is logged, never kills the link
+    (the other answers, and the counters they keep, still get theirs)."""
+    try:
+        callback(ok, reply)
+    except Exception as exc:
+        log(f"answer callback failed: {type(exc).__name__}: {exc}")
+
+
 def curve_client(sock, keys, server_public):
     public, secret = keys
     sock.curve_publickey = public
@@ -170,7 +179,8 @@ class PeerLink:
     def reset(self, reason):
         """A request thread got no answer in time on its own socket: the link thread fails the link as
         if its own message had timed out (the peer is probed, and answers again through on_up)."""
-        self._reset = reason
+        with self._queue_lock:
+            self._reset = reason
         self._wakeup()
 
     def drop_direct(self, sock):
@@ -217,9 +227,9 @@ class PeerLink:
             queued = list(self._queue)
             self._queue.clear()
         for _, callback, _ in pending:
-            callback(False, reason)
+            _call(callback, False, reason)
         for _, callback, _ in queued:
-            callback(False, reason)
+            _call(callback, False, reason)
         if was_up:
             log(f"peer {self.name} ({self.address}): {reason}")
             if self.on_down:
@@ -228,7 +238,8 @@ class PeerLink:
     def _run(self):
         poller = zmq.Poller()
         while not self._stop:
-            reset, self._reset = self._reset, None
+            with self._queue_lock:
+                reset, self._reset = self._reset, None
             if reset is not None and self._sock is not None and self.up:
                 self._fail_all(reset)
             if self._sock is None:
@@ -245,7 +256,7 @@ class PeerLink:
                     if self.connecting and now - queued_at < self.settings.ack_timeout:
                         break
                     self._queue.popleft()
-                    callback(False, "peer not connected")
+                    _call(callback, False, "peer not connected")
                     continue
                 self._queue.popleft()
                 self._pending[(msg.volume, msg.seq)] = (now + self.settings.ack_timeout, callback, now)
@@ -321,7 +332,7 @@ class PeerLink:
                 continue  # a late answer to something already failed
             _, callback, sent_at = entry
             self.count_ack(self._last_io - sent_at)
-            callback(msg.type == rp.ACK, msg)
+            _call(callback, msg.type == rp.ACK, msg)
 
     def _probe_done(self, ok, reply):
         self._probe = None
@@ -471,7 +482,7 @@ class VolumeReplication:
                         self.manager.fence(self, body.get("epoch"), name)
                         return
                     reason = body.get("error", "refused")
-                self._missed(name, ps, set(), reason or "no answer to CREATE")
+                self._missed(name, ps, set(), reason or "no answer to CREATE", reset=False)
                 return
             try:
                 state = reply.json()
@@ -489,7 +500,7 @@ class VolumeReplication:
                     pass
             if state.get("created") and ps.seeded:
                 log(f"{self.volume.name}: peer {name} lost its copy: full resync")
-                self._missed(name, ps, self._all_chunks(), "copy lost")
+                self._missed(name, ps, self._all_chunks(), "copy lost", reset=False)
             elif not ps.seeded:
                 try:
                     self.manager.catalog.set_seeded(self.volume.volume_id, ps.peer_id)
@@ -500,7 +511,7 @@ class VolumeReplication:
                 self.start_resync(name)
 
         msg = rp.json_message(rp.CREATE, info, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq())
-        ps.link.send(msg, answered)
+        self._send_on_link(ps, msg, answered)  # counted: no direct write overtakes it (resize, epoch)
 
     def tell_peers(self):
         """Send every peer our current view (its state, the quorum): what promotion decides on there."""
@@ -626,8 +637,10 @@ class VolumeReplication:
         message had failed, so the peer is probed and resynced when it answers."""
         pending.remove(d)
         d.link.drop_direct(d.sock)
-        d.callback(False, reason)
-        d.link.reset(reason)
+        try:
+            d.callback(False, reason)
+        finally:
+            d.link.reset(reason)
 
     def _take(self, d, pending):
         while True:
@@ -682,7 +695,7 @@ class VolumeReplication:
 
         return answered
 
-    def _missed(self, name, ps, chunks, reason, ticket=None):
+    def _missed(self, name, ps, chunks, reason, ticket=None, reset=True):
         """The peer did not get something: record its chunks durably, mark it out of sync.
 
         What it acknowledged but never flushed goes into the bitmap too: if
@@ -704,6 +717,11 @@ class VolumeReplication:
                     log(f"{self.volume.name}: peer {name} out of sync: {reason}")
                 ps.state.on("missed")
             self._wake_all()
+        if reset and ps.link.up and ps.state.state == rp.OUT_OF_SYNC:
+            # It answers but missed a write (refused it, answered late): nothing else would start its
+            # resync, so reset the link: probed, CREATE again, then resynced from the bitmap.  (Not
+            # for CREATE's own failures: a copy that keeps refusing CREATE would loop.)
+            ps.link.reset(f"{self.volume.name}: peer {name} missed a request: {reason}")
 
     def send_write(self, offset, data, fua=False, sums=None):
         """Send a write of whole blocks; ``sums`` are their checksums when the caller has them."""
@@ -778,7 +796,7 @@ class VolumeReplication:
     def peer_down(self, link):
         for name, ps in self.peers.items():
             if ps.link is link and ps.state.state in (rp.IN_SYNC, rp.RESYNCING):
-                self._missed(name, ps, set(), "peer unreachable")
+                self._missed(name, ps, set(), "peer unreachable", reset=False)
 
     def peer_up(self, link):
         for name, ps in self.peers.items():

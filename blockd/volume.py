@@ -227,9 +227,11 @@ class Volume:
                 ticket = repl.send_write(start, data, fua, hashed[0])
             touched = self._write_blocks(data, start, hashed)
         finally:
-            if ticket is not None:
-                repl.collect(ticket)  # the replicas' answers, before an overlapping write may be sent
-            self._locks.release(held)
+            try:
+                if ticket is not None:
+                    repl.collect(ticket)  # the replicas' answers, before an overlapping write may be sent
+            finally:
+                self._locks.release(held)
         if fua:
             self.store.sync_chunks(touched)
         if ticket is not None:
@@ -355,9 +357,11 @@ class Volume:
                 ticket = repl.send_range("trim", offset, length, fua)
             touched = self._punch_blocks(first, last)
         finally:
-            if ticket is not None:
-                repl.collect(ticket)
-            self._locks.release(held)
+            try:
+                if ticket is not None:
+                    repl.collect(ticket)
+            finally:
+                self._locks.release(held)
         if fua:
             self.store.sync_chunks(touched)
         if ticket is not None:
@@ -393,9 +397,11 @@ class Volume:
                 data = self._merge_edges(bytes(edge_length), edge_offset, s, e)
                 touched += self._write_blocks(data, s)
         finally:
-            if ticket is not None:
-                repl.collect(ticket)
-            self._locks.release(held)
+            try:
+                if ticket is not None:
+                    repl.collect(ticket)
+            finally:
+                self._locks.release(held)
         if fua:
             self.store.sync_chunks(touched)
         if ticket is not None:
