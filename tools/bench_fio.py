@@ -371,3 +371,46 @@ class Holder:
             except Exception:
                 pass
             self.h = None
+
+
+# ---- what every benchmark script's run() and main() share -----------------------------------------
+def cleanup_uninterrupted(cleanup):
+    """Run ``cleanup`` with SIGINT/SIGTERM/SIGHUP ignored: a second ^C must not leave servers behind."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        cleanup()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main_tail(label, args, run, print_table, missed, footer=None):
+    """The end of a benchmark's main(): run with SIGTERM/SIGHUP as ^C, print, write --json, report
+    ``res["misses"]`` after ``missed`` (exit 3 with --check), then ``footer(res)``.  Returns the exit status."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    try:
+        res = run(args)
+    except KeyboardInterrupt:
+        print(f"\n{label}: interrupted", flush=True)
+        return 130
+    except BenchError as exc:
+        print(f"\n{label}: FAILED: {exc}", flush=True)
+        return 1
+    print_table(res)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"\nresults: {args.json}", flush=True)
+    if res["misses"]:
+        print(f"{missed}: {', '.join(res['misses'])}", flush=True)
+        if args.check:
+            return 3
+    if footer is not None:
+        print(footer(res), flush=True)
+    return 0

@@ -484,12 +484,7 @@ def run(opts=None) -> dict:
         b.rounds()
         b.summarize()
     finally:
-        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        try:
-            b.cleanup()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+        bf.cleanup_uninterrupted(b.cleanup)
     res = b.res
     res["meta"]["loadavg_after"] = bf.loadavg()
     res["meta"]["seconds"] = time.perf_counter() - t0
@@ -499,10 +494,6 @@ def run(opts=None) -> dict:
                       for n, e in res["cases"].items()]
     res["misses"] = misses(res)
     return res
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv=None):
@@ -521,27 +512,7 @@ def main(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (server log, raw fio JSON)")
     ap.add_argument("--check", action="store_true", help="exit 3 if a ratio misses the 5%% goal")
     args = ap.parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
-    try:
-        res = run(args)
-    except KeyboardInterrupt:
-        log("\nqos bench: interrupted")
-        return 130
-    except BenchError as exc:
-        log(f"\nqos bench: FAILED: {exc}")
-        return 1
-    print_table(res)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-        log(f"\nresults: {args.json}")
-    if res["misses"]:
-        log(f"missed (not within 5%): {', '.join(res['misses'])}")
-        if args.check:
-            return 3
-    return 0
+    return bf.main_tail("qos bench", args, run, print_table, "missed (not within 5%)")
 
 
 if __name__ == "__main__":

@@ -1226,12 +1226,7 @@ def run(opts=None) -> dict:
     try:
         b.run()
     finally:
-        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        try:
-            b.cleanup()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+        bf.cleanup_uninterrupted(b.cleanup)
     res = b.res
     res["meta"]["loadavg_after"] = bf.loadavg()
     res["meta"]["seconds"] = time.perf_counter() - t0
@@ -1241,10 +1236,6 @@ def run(opts=None) -> dict:
                       for n, w in res["workloads"].items() if w.get("median")]
     res["misses"] = misses(res)
     return res
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv=None):
@@ -1279,28 +1270,8 @@ def main(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (server logs, raw fio JSON)")
     ap.add_argument("--check", action="store_true", help="exit 3 if a replicated/unreplicated ratio is below its floor")
     args = ap.parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
-    try:
-        res = run(args)
-    except KeyboardInterrupt:
-        log("\nreplication bench: interrupted")
-        return 130
-    except BenchError as exc:
-        log(f"\nreplication bench: FAILED: {exc}")
-        return 1
-    print_table(res)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-        log(f"\nresults: {args.json}")
-    if res["misses"]:
-        log(f"below floor: {', '.join(res['misses'])}")
-        if args.check:
-            return 3
-    log(f"replication bench: {res['meta']['seconds']:.0f} s")
-    return 0
+    return bf.main_tail("replication bench", args, run, print_table, "below floor",
+                        footer=lambda res: f"replication bench: {res['meta']['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
