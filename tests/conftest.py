@@ -120,8 +120,19 @@ class Server:
     def uri(self, name):
         return f"nbd+unix:///{name}?socket={self.sock}"
 
+    def listen(self):
+        """What `blockd serve --listen` gets."""
+        return f"unix:{self.sock}"
+
+    def dial(self, h):
+        """Connect libnbd handle ``h`` to the server; False if it cannot be listening yet."""
+        if not os.path.exists(self.sock):
+            return False
+        h.connect_unix(self.sock)
+        return True
+
     def start(self, wait=True):
-        cmd = self.prefix + BLOCKD + ["serve", "--data-dir", self.data_dir, "--listen", f"unix:{self.sock}"]
+        cmd = self.prefix + BLOCKD + ["serve", "--data-dir", self.data_dir, "--listen", self.listen()]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         cmd += self.extra
@@ -137,12 +148,11 @@ class Server:
         def ready():
             if self.proc.poll() is not None:
                 raise AssertionError(f"blockd serve exited with {self.proc.returncode}: {self.log()}")
-            if not os.path.exists(self.sock):
-                return False
             h = nbd.NBD()
             try:
                 h.set_opt_mode(True)
-                h.connect_unix(self.sock)
+                if not self.dial(h):
+                    return False
                 h.opt_abort()
                 return True
             except nbd.Error:

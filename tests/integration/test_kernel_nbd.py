@@ -21,7 +21,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import BLOCKD, ROOT, Server, free_port, js, wait_for
+from conftest import ROOT, Server, free_port, js, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -115,30 +115,12 @@ class TcpServer(Server):
     def uri(self, name):
         return f"nbd://127.0.0.1:{self.port}/{name}"
 
-    def start(self, wait=True):
-        cmd = BLOCKD + ["serve", "--data-dir", self.data_dir, "--listen", f"127.0.0.1:{self.port}"] + self.extra
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
-        if wait:
-            self.wait_ready()
-        return self
+    def listen(self):
+        return f"127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout=120):
-        import nbd
-
-        def ready():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"blockd serve exited with {self.proc.returncode}: {self.log()}")
-            h = nbd.NBD()
-            try:
-                h.set_opt_mode(True)
-                h.connect_tcp("127.0.0.1", str(self.port))
-                h.opt_abort()
-                return True
-            except nbd.Error:
-                return False
-
-        wait_for(ready, timeout, what="blockd serve to accept connections")
+    def dial(self, h):
+        h.connect_tcp("127.0.0.1", str(self.port))
+        return True
 
 
 class Guest:
