@@ -58,18 +58,23 @@ def _keep():
         _kept[tid] = state
 
 
+def exited(tids, current_tid):
+    """Of ``tids`` (OS thread ids), those whose threads have exited.  The caller's own id counts: an
+    entry under it belongs to an earlier thread.  Others only when /proc/self/task can tell (not when
+    /proc is missing or another PID namespace's): then they are kept."""
+    if not os.path.exists(f"/proc/self/task/{current_tid}"):
+        return [current_tid] if current_tid in tids else []
+    return [tid for tid in tids if tid == current_tid or not os.path.exists(f"/proc/self/task/{tid}")]
+
+
 def _reap(current_tid):
     """Delete the kept states of threads that have exited (caller holds _lock and the GIL)."""
     global deleted
-    if not os.path.exists(f"/proc/self/task/{current_tid}"):
-        return  # no /proc of our own (not mounted, another PID namespace): cannot tell; keep them all
-    for tid, state in list(_kept.items()):
-        # A thread id in use by the calling thread cannot belong to a live earlier thread.
-        if tid == current_tid or not os.path.exists(f"/proc/self/task/{tid}"):
-            del _kept[tid]
-            _api.PyThreadState_Clear(state)
-            _api.PyThreadState_Delete(state)
-            deleted += 1
+    for tid in exited(list(_kept), current_tid):
+        state = _kept.pop(tid)
+        _api.PyThreadState_Clear(state)
+        _api.PyThreadState_Delete(state)
+        deleted += 1
 
 
 def _forget_after_fork():

@@ -32,7 +32,7 @@ import time
 import numpy as np
 import zmq
 
-from . import checksum, replproto as rp
+from . import checksum, pythreads, replproto as rp
 from .errors import BadInput, BlockdError, NotFound, ReadOnly, Refused, VolumeFailed
 from .geometry import BLOCK_SIZE
 from .intent import IntentLog
@@ -154,14 +154,8 @@ class PeerLink:
         tid = threading.get_native_id()
         sock = self._dealer()
         with self._direct_lock:
-            old = self._direct.pop(tid, None)
-            if old is not None:
-                old.close(linger=0)  # our thread id, so its thread has exited: nobody else uses it
-            if os.path.exists(f"/proc/self/task/{tid}"):  # else no /proc to tell the dead: keep them all
-                for other, old in list(self._direct.items()):
-                    if not os.path.exists(f"/proc/self/task/{other}"):
-                        del self._direct[other]
-                        old.close(linger=0)  # its thread is gone: nobody else uses it
+            for gone in pythreads.exited(list(self._direct), tid):
+                self._direct.pop(gone).close(linger=0)  # its thread has exited: nobody else uses it
             self._direct[tid] = sock
         self._local.sock = sock
         return sock
@@ -837,7 +831,6 @@ class VolumeReplication:
 
     def _resync(self, name, ps):
         volume = self.volume
-        cs = volume.chunk_size
         chunks = ps.pending_chunks()
         ps.resync_total = len(chunks)
         ps.resync_done = 0
