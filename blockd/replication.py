@@ -354,7 +354,7 @@ class _Direct:
 
 
 class Ticket:
-    __slots__ = ("chunks", "acked", "failed", "done", "_signal", "direct")
+    __slots__ = ("chunks", "acked", "failed", "done", "_signal", "direct", "error")
 
     def __init__(self, chunks):
         self.chunks = chunks
@@ -362,6 +362,7 @@ class Ticket:
         self.acked = set()  # peers that acknowledged
         self.failed = {}  # peer -> its sync generation when it failed this request
         self.done = False
+        self.error = None  # set when it must fail whatever answered (a peer's miss could not be recorded)
         # A binary semaphore, released when an answer to it arrives or anything changes the quorum:
         # a bare lock costs a fraction of an Event (a Condition and a notify_all per answer).
         self._signal = threading.Lock()
@@ -405,6 +406,11 @@ class PeerState:
         """Durably add chunks to its resync bitmap (request, link and resync threads share it)."""
         with self._bitmap_lock:
             self.bitmap.add(sorted(chunks))
+
+    def remember(self, chunks):
+        """Chunks it missed that could not be recorded durably: resynced by this process all the same."""
+        with self._bitmap_lock:
+            self.bitmap.chunks.update(chunks)
 
     def forget(self, chunks):
         with self._bitmap_lock:
@@ -551,9 +557,7 @@ class VolumeReplication:
                         try:
                             ps.record(chunks)
                         except OSError as exc:
-                            raise VolumeFailed(
-                                f"{self.volume.name}: cannot record chunks for {name}'s resync: {exc.strerror}"
-                            ) from exc
+                            raise VolumeFailed(self._unrecorded(name, ps, chunks, exc)) from exc
         msg = rp.Message(type_, volume=self.repl_id, epoch=self.epoch, seq=seq, offset=offset, length=length,
                          flags=flags, sums=sums, data=data)
         frames = None
@@ -698,14 +702,17 @@ class VolumeReplication:
         with self._cond:
             chunks = set(chunks) | ps.unflushed
             ps.unflushed = set()
+        unrecorded = None
         try:
             if chunks:
                 ps.record(chunks)
         except OSError as exc:
-            log(f"{self.volume.name}: resync bitmap for {name}: {exc.strerror}")
+            unrecorded = self._unrecorded(name, ps, chunks, exc)
         with self._cond:
             if ticket is not None:
                 ticket.failed[name] = ps.generation
+                if unrecorded:
+                    ticket.error = unrecorded
             if ps.state.state != rp.FENCED:
                 if ps.state.state != rp.OUT_OF_SYNC:
                     log(f"{self.volume.name}: peer {name} out of sync: {reason}")
@@ -716,6 +723,18 @@ class VolumeReplication:
             # resync, so reset the link: probed, CREATE again, then resynced from the bitmap.  (Not
             # for CREATE's own failures: a copy that keeps refusing CREATE would loop.)
             ps.link.reset(f"{self.volume.name}: peer {name} missed a request: {reason}")
+
+    def _unrecorded(self, name, ps, chunks, exc):
+        """The peer's resync bitmap could not be written (disk full, I/O error).  Acknowledging on would
+        let a restart resync too little, so the volume fails: its writes and flushes are refused from now
+        on (the local write-intent log then keeps every chunk written since the last flush, and a restart
+        adds those to every peer's bitmap).  This process still resyncs the chunks: they stay in memory."""
+        reason = f"resync bitmap for peer {name}: {exc.strerror}"
+        ps.remember(chunks)
+        if not self.volume.store.failed:
+            log(f"{self.volume.name}: {reason}: writes refused from now on")
+        self.volume.store.fail(reason)
+        return f"{self.volume.name}: volume failed: {reason}"
 
     def send_write(self, offset, data, fua=False, sums=None):
         """Send a write of whole blocks; ``sums`` are their checksums when the caller has them."""
@@ -758,6 +777,8 @@ class VolumeReplication:
                 with self._cond:
                     if self.fenced:
                         raise VolumeFailed(f"{self.volume.name}: fenced: a newer primary holds epoch > {self.epoch}")
+                    if ticket.error:
+                        raise VolumeFailed(ticket.error)
                     if self._copies(ticket) >= self.min_copies:
                         ticket.done = True
                         return

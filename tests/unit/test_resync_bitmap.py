@@ -1,0 +1,105 @@
+"""A primary whose disk cannot take a peer's resync bitmap any more (full, failing): nothing may be
+acknowledged as if the miss were on record.  Two engines in one process, each on its own data dir and
+real SQLite catalog, joined by a real ZeroMQ link (plaintext, loopback); the only fake part is ENOSPC
+from writes to the resync bitmaps, since this sandbox has no small filesystem to fill."""
+
+import errno
+import os
+import time
+
+import numpy as np
+import pytest
+
+from blockd.errors import VolumeFailed
+from blockd.fileio import OsFiles
+from blockd.replication import Manager, Settings, Sink
+from conftest import free_port
+from enginekit import Rig
+
+CHUNK = 64 * 1024
+
+
+class BitmapFullFiles(OsFiles):
+    """The real filesystem, except that once ``full`` is set a write to a resync bitmap fails ENOSPC."""
+
+    def __init__(self):
+        self.full = False
+        self._bitmaps = set()  # fds of resync bitmaps
+
+    def open(self, path, create=False, size=None):
+        fd = super().open(path, create, size)
+        if os.sep + "resync" + os.sep in path:
+            self._bitmaps.add(fd)
+        return fd
+
+    def pwrite(self, fd, buf, offset):
+        if self.full and fd in self._bitmaps:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().pwrite(fd, buf, offset)
+
+
+class PrimaryRig(Rig):
+    def _files(self):
+        return BitmapFullFiles()
+
+
+def _wait_for(what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    replica = Rig(tmp_path / "b")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    settings = Settings(insecure=True, ack_timeout=0.5, write_timeout=2.0, heartbeat=30.0)
+    sink = Sink(replica.engine, address, None, settings, []).start()
+    primary = PrimaryRig(tmp_path / "a")
+    assert os.sep + "resync" + os.sep in primary.datadir.resync_path(1, "b")  # what BitmapFullFiles spots
+    primary.engine.catalog.add_peer("b", address, None)
+    primary.engine.catalog.create_volume("v", 1 << 20, replicas=["b"], min_copies=1)
+    managers = []
+
+    def start_primary():
+        manager = Manager(primary.engine, None, settings)
+        primary.engine.replication = manager
+        managers.append(manager)
+        return primary.engine.open("v")
+
+    yield primary, sink, start_primary
+    for manager in managers:
+        for link in manager.links().values():
+            link.stop()
+    sink.stop()
+
+
+def test_a_miss_that_cannot_be_recorded_fails_the_volume_instead_of_being_acknowledged(pair):
+    primary, sink, start_primary = pair
+    volume = start_primary()
+    peer = volume.replication.peers["b"]
+    volume.write(np.full(4096, 1, np.uint8), 0)  # waits until the replica confirms the epoch
+    volume.flush()
+    assert peer.state.counts and not peer.pending_chunks()
+
+    sink.stop()  # the replica is gone ...
+    primary.files.full = True  # ... and its resync bitmap cannot grow
+    with pytest.raises(VolumeFailed, match="resync bitmap for peer b"):
+        volume.write(np.full(4096, 2, np.uint8), 3 * CHUNK)  # min-copies 1 would have acknowledged it
+    assert 3 in peer.pending_chunks()  # this process still resyncs it when the peer returns
+
+    with pytest.raises(VolumeFailed):  # refused from now on, before touching anything
+        volume.write(np.full(4096, 3, np.uint8), 5 * CHUNK)
+    with pytest.raises(VolumeFailed):
+        volume.flush()
+    out = bytearray(4096)
+    volume.read(memoryview(out), 5 * CHUNK)
+    assert out == bytes(4096)  # the refused write changed nothing
+    volume.read(memoryview(out), 0)
+    assert out == b"\x01" * 4096  # reads still work
+
+    # Power cut: the write-intent log never cleared chunk 3, and a restart puts it in the bitmap.
+    primary.crash()
+    volume = start_primary()
+    assert 3 in volume.replication.peers["b"].pending_chunks()
