@@ -48,6 +48,8 @@ def build_parser():
     _add_data_dir(p)
     p.add_argument("--listen", default="127.0.0.1:10809", help="HOST:PORT or unix:PATH (default 127.0.0.1:10809)")
     p.add_argument("--threads", type=int, default=None, help="nbdkit worker threads per connection (default 4: see docs/ARCHITECTURE.md)")
+    p.add_argument("--cpu-policy", default=None, metavar="batch|normal",
+                   help="Linux scheduling policy of the server's threads (default batch: see docs/CLI.md)")
     p.add_argument("--verbose", action="store_true", help="nbdkit debug output")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default; make run uses 127.0.0.1:9810)")
@@ -291,7 +293,7 @@ def cmd_serve(args):
         if replication[key] is not None and not replication[key] > 0:
             raise BadInput(f"invalid --{key.replace('_', '-').replace('resync-mibps', 'resync-rate')}: must be positive")
     server.serve(_datadir(args), args.listen, threads, args.verbose, metrics_text=args.metrics,
-                 replication=replication)
+                 replication=replication, cpu_policy=args.cpu_policy or server.DEFAULT_CPU_POLICY)
 
 
 def cmd_volume_create(args):

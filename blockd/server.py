@@ -17,6 +17,8 @@ from . import jitcache
 from .errors import BadInput, BlockdError, Refused
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
+CPU_POLICIES = {"batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER}
+DEFAULT_CPU_POLICY = "batch"  # measured (docs/benchmarks.md): +30% replicated 4 KiB writes on a busy host
 DEFAULT_THREADS = 4  # per connection; measured best (tools/bench --sweep-threads): see docs/ARCHITECTURE.md
 URI_LIST_MAX = 20
 
@@ -144,9 +146,24 @@ def parse_zmq_address(text, flag):
     return text
 
 
+def set_cpu_policy(name):
+    """Linux scheduling policy for this process, inherited by nbdkit and every thread it starts.
+
+    ``batch`` (SCHED_BATCH): a thread that wakes up does not preempt the one running.  A replicated
+    request hands work between many threads (nbdkit's, ZeroMQ's I/O threads, the sink); on a busy
+    host each hand-off otherwise preempts the sender mid-request.  Fair share and nice are unchanged,
+    and an idle CPU still runs a woken thread at once.  ``normal`` is SCHED_OTHER."""
+    try:
+        os.sched_setscheduler(0, CPU_POLICIES[name], os.sched_param(0))
+    except OSError as exc:
+        print(f"blockd: warning: --cpu-policy {name}: {exc.strerror}; keeping the current policy", file=sys.stderr)
+
+
 def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=False, out=sys.stdout,
-          metrics_text=None, replication=None):
+          metrics_text=None, replication=None, cpu_policy=DEFAULT_CPU_POLICY):
     """``replication``: plugin settings (replication_listen, key_dir, insecure_replication, timeouts)."""
+    if cpu_policy not in CPU_POLICIES:
+        raise BadInput(f"invalid --cpu-policy {cpu_policy!r}: use {' or '.join(CPU_POLICIES)}")
     listen = parse_listen(listen_text)
     metrics = parse_metrics(metrics_text) if metrics_text else None
     replication = {k: v for k, v in (replication or {}).items() if v is not None}
@@ -196,4 +213,5 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
         mode = "insecure (no CurveZMQ)" if replication.get("insecure_replication") == "1" else "CurveZMQ"
         print(f"replication sink {replication['replication_listen']} ({mode})", file=out)
     out.flush()
+    set_cpu_policy(cpu_policy)
     os.execve(nbdkit, cmd, env)

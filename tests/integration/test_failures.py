@@ -332,6 +332,7 @@ def test_bad_input_is_exit_2_with_one_line_and_changes_nothing(cli, data_dir):
     one_error_line(cli("serve", "--listen", "unix:", timeout=20), 2)
     one_error_line(cli("serve", "--listen", "127.0.0.1:notaport", timeout=20), 2)
     one_error_line(cli("serve", "--listen", "unix:/tmp/bd-never.sock", "--threads", "0", timeout=20), 2)
+    one_error_line(cli("serve", "--listen", "unix:/tmp/bd-never.sock", "--cpu-policy", "fifo", timeout=20), 2)
     assert volume_list(data_dir) == before
     assert sorted(os.listdir(os.path.join(data_dir, "volumes"))) == []
 

@@ -1,5 +1,6 @@
 """nbdkit worker threads keep one Python thread state each (blockd/pythreads.py), and the states of
-threads that exited with their connection are deleted, not piled up."""
+threads that exited with their connection are deleted, not piled up; every thread of the server runs
+under the scheduling policy `blockd serve --cpu-policy` chose."""
 
 import os
 
@@ -34,3 +35,26 @@ def test_thread_states_kept_per_worker_and_deleted_after_close(data_dir, server_
             h.shutdown()
     assert control(data_dir, {"op": "ping"})["thread_states_deleted"] - deleted_before >= THREADS
     assert srv.stop() == 0
+
+
+def _policies(pid):
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.add(os.sched_getscheduler(int(tid)))
+        except ProcessLookupError:
+            pass  # exited meanwhile
+    return out
+
+
+def test_every_server_thread_runs_under_the_chosen_cpu_policy(data_dir, server_factory, cli):
+    cli("volume", "create", "vol0", "--size", "1MiB", check=True)
+    for extra, policy in (((), os.SCHED_BATCH), (("--cpu-policy", "normal"), os.SCHED_OTHER)):
+        srv = server_factory(data_dir, extra=extra).start()
+        h = srv.connect("vol0")  # a connection's worker threads exist now
+        try:
+            h.pwrite(b"x" * 4096, 0)
+            assert _policies(srv.proc.pid) == {policy}
+        finally:
+            h.shutdown()
+        assert srv.stop() == 0
