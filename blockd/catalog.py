@@ -421,6 +421,11 @@ class Catalog:
             db.execute("UPDATE volumes SET sync_state=?, min_copies=?, copies=? WHERE id=?",
                        (sync_state, min_copies, copies_json, volume_id))
 
+    def confirm_primary(self, volume_id):
+        """A primary writable before any peer answers (promote --force on the primary itself)."""
+        with self.transaction() as db:
+            db.execute("UPDATE volumes SET sync_state='promoted' WHERE id=? AND role='primary'", (volume_id,))
+
     def promote(self, name, peer_names):
         """Replica -> primary with the next epoch; ``peer_names`` (other copies, as this node names them)
         become its replicas.  Returns the new row."""

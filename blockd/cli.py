@@ -669,6 +669,10 @@ def cmd_volume_promote(args):
     else:
         for w in report["warnings"]:
             print(f"warning: forced although {w}")
+        if report.get("confirmed_only"):
+            print(f"{args.name}: primary here at epoch {report['epoch']}, writable without a peer's confirmation; "
+                  f"writes need {report['min_copies']} copies (`blockd volume set --min-copies 1` to continue alone)")
+            return
         print(f"{args.name}: primary here at epoch {report['epoch']}; replicas {', '.join(report['replicas']) or 'none'} "
               f"will be compared and resynced; writes need {report['min_copies']} copies "
               "(`blockd volume set --min-copies 1` to continue alone)")

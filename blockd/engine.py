@@ -279,7 +279,11 @@ class Engine:
 
         row = self.catalog.volume(name)
         if row["role"] != "replica":
-            raise Refused(f"volume {name} is already the primary here (epoch {row['epoch']})")
+            if row["repl_id"] is not None and force:
+                return self._force_confirm(row)
+            raise Refused(f"volume {name} is already the primary here (epoch {row['epoch']})"
+                          + ("; --force makes it writable without a peer confirming its epoch "
+                             "(when its replicas are lost)" if row["repl_id"] is not None else ""))
         copies = json.loads(row["copies"] or "[]")
         own = own_key
         if self.replication is not None and self.replication.keys:
@@ -342,6 +346,19 @@ class Engine:
             log.close()
         return {"name": name, "epoch": new["epoch"], "replicas": peer_names, "forced": bool(reasons),
                 "warnings": reasons, "min_copies": new["min_copies"]}
+
+    def _force_confirm(self, row):
+        """`promote --force` on the primary: its replicas are gone, so none can confirm its epoch after
+        a restart; serve it writable anyway (now, and at the next start until a peer answers)."""
+        self.catalog.confirm_primary(row["id"])
+        vr = self.replication.volume(row["id"]) if self.replication is not None else None
+        if vr is not None:
+            vr.force_confirm()
+        peers = [p["name"] for p in self.catalog.volume_replicas(row["id"])]
+        return {"name": row["name"], "epoch": row["epoch"], "replicas": peers, "forced": True,
+                "confirmed_only": True, "min_copies": row["min_copies"],
+                "warnings": [f"no peer confirmed epoch {row['epoch']}: if a replica was promoted meanwhile, this "
+                             "copy is fenced when they meet and the writes it takes until then are lost"]}
 
     def verify(self, name):
         """Per-block checksums of this copy against every replica's: {peer: [differing offsets]}."""

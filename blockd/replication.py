@@ -354,10 +354,11 @@ class _Direct:
 
 
 class Ticket:
-    __slots__ = ("chunks", "acked", "failed", "done", "_signal", "direct", "error")
+    __slots__ = ("chunks", "acked", "failed", "done", "_signal", "direct", "error", "seq")
 
     def __init__(self, chunks):
         self.chunks = chunks
+        self.seq = None
         self.direct = None  # [_Direct]: answers this request thread collects itself
         self.acked = set()  # peers that acknowledged
         self.failed = {}  # peer -> its sync generation when it failed this request
@@ -382,7 +383,7 @@ class Ticket:
 class PeerState:
     __slots__ = ("link", "peer_id", "state", "bitmap", "generation", "resync_thread", "resync_total",
                  "resync_done", "resynced_bytes", "skipped_chunks", "seeded", "unflushed", "_bitmap_lock",
-                 "created", "link_pending")
+                 "created", "link_pending", "outstanding")
 
     def __init__(self, link, peer_id, state, bitmap, seeded):
         self.link = link
@@ -401,6 +402,7 @@ class PeerState:
         # It answered this open's CREATE: writes may then bypass the link (nothing must overtake CREATE).
         self.created = False
         self.link_pending = 0  # writes queued on the link and not yet answered: later ones follow them there
+        self.outstanding = set()  # seqs of those: settled (answered, or the miss recorded) when they leave
 
     def record(self, chunks):
         """Durably add chunks to its resync bitmap (request, link and resync threads share it)."""
@@ -439,7 +441,11 @@ class VolumeReplication:
         self.closed = False  # the volume closed: no resync may read through it any more
         # Writable only once a peer confirms our epoch is current (a restarted primary may
         # have been superseded while it was down); with no peers there is nobody to ask.
-        self.confirmed = not peers or row["sync_state"] == "promoted"
+        # Confirmed once in this process stays confirmed at that epoch: a reconnecting client (or the
+        # last one closing and a new one opening) must not find the volume read-only while a lost
+        # replica is away.  A newer primary still fences it at the first answer from that copy.
+        self.confirmed = (not peers or row["sync_state"] == "promoted"
+                          or manager.confirmed_epochs.get(volume.volume_id) == self.epoch)
         self._promoted = row["sync_state"] == "promoted"
         for p in peers:
             bitmap = IntentLog(manager.files, manager.datadir.resync_path(volume.volume_id, p["name"]))
@@ -490,6 +496,7 @@ class VolumeReplication:
                 state = {}
             with self._cond:
                 self.confirmed = True  # a copy at our epoch or older answered: we are the current primary
+                self.manager.confirmed_epochs[self.volume.volume_id] = self.epoch
                 ps.created = True
                 self._wake_all()
             if self._promoted:
@@ -543,7 +550,7 @@ class VolumeReplication:
             if self.fenced:
                 raise VolumeFailed(f"{self.volume.name}: fenced: a newer primary holds epoch > {self.epoch}")
             self._seq += 1
-            seq = self._seq
+            seq = ticket.seq = self._seq
             targets = []
             for name, ps in self.peers.items():
                 if ps.state.receives_writes:
@@ -594,11 +601,16 @@ class VolumeReplication:
     def _send_on_link(self, ps, msg, callback):
         with self._cond:
             ps.link_pending += 1
+            ps.outstanding.add(msg.seq)
 
         def answered(ok, reply):
-            with self._cond:
-                ps.link_pending -= 1
-            callback(ok, reply)
+            try:
+                callback(ok, reply)  # a miss is recorded in the bitmap before the request counts as settled
+            finally:
+                with self._cond:
+                    ps.link_pending -= 1
+                    ps.outstanding.discard(msg.seq)
+                    self._cond.notify_all()
 
         ps.link.send(msg, answered)
 
@@ -795,11 +807,38 @@ class VolumeReplication:
             with self._cond:
                 self._waiting.discard(ticket)
 
+    def settle(self, seq):
+        """Wait until every request up to ``seq`` queued on a link is settled: answered, or its miss
+        recorded in the peer's resync bitmap.  (Requests sent on request threads' own sockets are
+        settled before their request returns: ``collect``.)  A flush calls this before the local
+        write-intent log forgets its chunks: until then a write acknowledged without some peer's
+        answer is on record nowhere else.  False if that takes longer than any deadline allows."""
+        deadline = time.monotonic() + 3 * self.settings.ack_timeout + 1.0
+        with self._cond:
+            while any(s <= seq for ps in self.peers.values() for s in ps.outstanding):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
+    def last_seq(self):
+        with self._cond:
+            return self._seq
+
     def _wake_all(self):
         """Called with the condition held: something changed every request's quorum."""
         self._cond.notify_all()
         for t in self._waiting:
             t.wake()
+
+    def force_confirm(self):
+        """The operator's choice (`volume promote --force` on the primary): writable without a peer's
+        confirmation.  A copy that answers with a newer epoch still fences it."""
+        with self._cond:
+            self.confirmed = True
+            self.manager.confirmed_epochs[self.volume.volume_id] = self.epoch
+            self._wake_all()
 
     def set_min_copies(self, n):
         with self._cond:
@@ -1035,6 +1074,7 @@ class Manager:
         self.settings = settings
         self._links = {}
         self._volumes = {}  # volume id -> VolumeReplication
+        self.confirmed_epochs = {}  # volume id -> the epoch a peer confirmed current in this process
         self._lock = threading.Lock()
 
     def link(self, peer):

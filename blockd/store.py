@@ -395,17 +395,21 @@ class ChunkStore:
             self.fail(f"fdatasync: {exc.strerror}")
             raise VolumeFailed(f"volume failed: fdatasync: {exc.strerror}") from exc
 
-    def flush(self):
+    def flush(self, settled=None):
         """Make every write so far durable, with its checksums, then clear the intent log.
 
         Flushes run one at a time: a flush that found nothing dirty because
         another flush had just taken the batch must still wait for that
-        flush's fdatasync before it may report success.
+        flush's fdatasync before it may report success.  ``settled()``, when
+        given, runs after the syncs and before the intent log forgets the batch;
+        if it returns False the batch stays in the intent log (a later flush
+        clears it): replication uses it so that a peer's miss is on record in
+        its resync bitmap before the chunks leave the intent log.
         """
         with self._flush_lock:
-            self._flush()
+            self._flush(settled)
 
-    def _flush(self):
+    def _flush(self, settled=None):
         if self.failed:
             raise VolumeFailed(f"volume failed: {self.failed}")
         with self._lock:
@@ -427,6 +431,17 @@ class ChunkStore:
                 if sums is not None and self.exists(c):
                     self._write_sums(c, sums)
             self._sync_sums()
+            try:
+                keep = settled is not None and not settled()
+            except BaseException:
+                keep = True
+                raise
+            finally:
+                if keep:
+                    with self._lock:
+                        self.dirty.update(batch)  # still in the intent log: the next flush tries again
+            if keep:
+                return
             with self._lock:
                 clean = [c for c in batch if c not in self.dirty]
                 self.intent.remove(clean)

@@ -421,14 +421,23 @@ class Volume:
     # ---- flush / status ----------------------------------------------------
     def flush(self):
         repl = self.replication
-        ticket = repl.send_flush() if repl is not None else None
-        try:
+        if repl is None:
             self.store.flush()
+            return
+        ticket = repl.send_flush()
+
+        def settled():
+            # Before the intent log forgets this flush's chunks: every peer's answer to what came
+            # before is in, or its miss is on record (a write acknowledged without it is otherwise
+            # recorded nowhere once the intent log is cleared).  The local fdatasyncs overlap this.
+            repl.collect(ticket)
+            return repl.settle(ticket.seq)
+
+        try:
+            self.store.flush(settled)
         finally:
-            if ticket is not None:
-                repl.collect(ticket)  # even if the local flush failed: the replicas' answers are recorded
-        if ticket is not None:
-            repl.wait(ticket)
+            repl.collect(ticket)  # even if the local flush failed: the replicas' answers are recorded
+        repl.wait(ticket)
 
     # ---- for replication: locked ranges, checksums, reads under a held lock ----
     def lock_range(self, start, end, exclusive=True):
@@ -555,9 +564,12 @@ class Volume:
         self.store.fail(reason)
 
     def close(self):
+        repl = self.replication
         try:
             if not self.store.failed and not self.readonly:
-                self.store.flush()
+                # Requests still on a link (a peer that had not answered when the last connection
+                # closed) settle first: their misses must be recorded before the intent log is cleared.
+                self.store.flush(None if repl is None else lambda: repl.settle(repl.last_seq()))
         finally:
             self.store.close()
 

@@ -715,3 +715,39 @@ def test_a_stalled_replica_times_out_then_catches_up(cluster):
     assert verify(a, "v")["identical"]
     assert "Traceback" not in a.server.log()
     h.shutdown()
+
+
+def test_a_lost_replica_leaves_its_primary_writable_across_reopens_and_promote_force_after_a_restart(cluster):
+    """min-copies 1 carries on without the replica: also for the next connection (confirmed once in
+    this process), and after a restart, where no peer can confirm the epoch, by the operator's
+    `volume promote --force` on the primary itself."""
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", "--min-copies", "1", check=True)
+    start_in_sync(a, [b], "v", 1, 4096).shutdown()  # the last connection closes: the volume closes
+    b.server.kill9()
+    h = a.connect("v")  # opened again, with the replica gone
+    assert replication(a, "v")["confirmed"] is True
+    first = os.urandom(8192)
+    h.pwrite(first, CHUNK)
+    h.flush()
+    h.shutdown()
+
+    a.server.stop()
+    a.start()  # a restarted primary: nobody answers to confirm its epoch
+    h = a.connect("v")
+    assert replication(a, "v")["confirmed"] is False
+    refused = a.cli("volume", "promote", "v")
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1 and "--force" in refused.stderr
+    report = js(a.cli("volume", "promote", "v", "--force", "--json", check=True))
+    assert report["forced"] and report["confirmed_only"] and report["warnings"] and report["replicas"] == ["b"]
+    assert replication(a, "v")["confirmed"] is True
+    second = os.urandom(8192)
+    h.pwrite(second, 2 * CHUNK)
+    h.flush()
+    assert h.pread(8192, CHUNK) == first and h.pread(8192, 2 * CHUNK) == second
+
+    b.start()  # the replica returns: it gets what it missed
+    wait_in_sync(a, "v")
+    result = verify(a, "v")
+    assert result["identical"], (result, replication(a, "v"), a.server.log()[-3000:])
+    h.shutdown()

@@ -148,6 +148,26 @@ def test_failed_fdatasync_fails_the_volume(tmp_path):
     assert read(vol, 0, 4096) == b"a" * 4096  # reads continue
 
 
+def test_a_flush_whose_replicas_are_not_settled_keeps_its_chunks_in_the_intent_log(rig):
+    """``ChunkStore.flush(settled)``: replication's hook; until every peer's answer (or recorded miss)
+    is in, the chunks stay in the intent log (a crash then hands them to every peer's resync)."""
+    rig.create("v", 4 * CHUNK)
+    vol = rig.open("v")
+    vol.write(b"a" * 4096, 0)
+    vol.write(b"b" * 4096, 2 * CHUNK)
+    calls = []
+    vol.store.flush(lambda: calls.append(1) or False)
+    assert calls == [1] and vol.store.intent.chunks == {0, 2}
+    vol.store.flush(lambda: True)  # the next flush, settled: cleared
+    assert vol.store.intent.chunks == set()
+    vol.write(b"c" * 4096, CHUNK)
+    with pytest.raises(RuntimeError):
+        vol.store.flush(lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert vol.store.intent.chunks == {1} and not vol.store.failed
+    vol.store.flush()
+    assert vol.store.intent.chunks == set() and read(vol, CHUNK, 4096) == b"c" * 4096
+
+
 def test_concurrent_overlapping_writers_leave_consistent_blocks(rig):
     rig.create("v", 8 * CHUNK)
     vol = rig.open("v")
