@@ -457,7 +457,7 @@ class Catalog:
                 raise NotFound(f"unknown volume {name!r}")
             copies = 1 + db.execute("SELECT COUNT(*) FROM volume_replicas WHERE volume_id=?", (row[0],)).fetchone()[0]
             if isinstance(min_copies, bool) or not isinstance(min_copies, int) or not 1 <= min_copies <= copies:
-                raise BadInput(f"invalid --min-copies {min_copies}: volume {name} has {copies} copies")
+                raise BadInput(f"invalid --min-copies {min_copies}: volume {name} has {copies} cop{'y' if copies == 1 else 'ies'}")
             db.execute("UPDATE volumes SET min_copies=? WHERE id=?", (min_copies, row[0]))
 
     def volume_replicas(self, volume_id):
@@ -475,7 +475,7 @@ class Catalog:
 
     # ---- peers -------------------------------------------------------------
     def add_peer(self, name, address, public_key):
-        check_name(name)
+        check_name(name, "peer")
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM peers WHERE name=?", (name,)).fetchone():
                 raise Refused(f"peer {name} already exists")

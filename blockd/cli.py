@@ -244,12 +244,13 @@ def build_parser():
 
 
 def _positive_int(text):
+    # ArgumentTypeError: argparse names the flag ("argument --min-copies: invalid number '0': ...").
     try:
         value = int(text)
     except ValueError:
-        raise BadInput(f"invalid number {text!r}") from None
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
     if value <= 0:
-        raise BadInput(f"invalid number {text!r}: must be positive")
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be positive")
     return value
 
 
@@ -459,8 +460,12 @@ def _print_show(info):
               + (", FENCED" if repl.get("fenced") else ""))
         for peer, st in repl["peers"].items():
             extra = ""
-            if st.get("resync_remaining_chunks"):
-                extra = f", resync {st['resync_done_chunks']}/{st['resync_total_chunks']} chunks"
+            left = st.get("resync_remaining_chunks")
+            if left and st.get("state") == "resyncing":
+                extra = (f", resync {st['resync_done_chunks']}/{st['resync_total_chunks']} chunks "
+                         f"({left} left)")
+            elif left:
+                extra = f", {left} chunk(s) to resync when it answers"
             print(f"  {peer} {st.get('address', '')}: {st['state']}{extra}")
     mod = info["modification"]
     if mod:
@@ -729,8 +734,11 @@ def cmd_peer_add(args):
     from . import keys
     from .server import parse_zmq_address
 
-    check_name(args.name)
+    check_name(args.name, "peer")
     parse_zmq_address(args.address, "address")
+    if args.address.startswith("tcp://*:"):
+        raise BadInput(f"invalid address {args.address!r}: a peer is connected to, so name its host, "
+                       "e.g. tcp://10.0.0.2:10810 (* is for --replication-listen)")
     if args.public_key is not None:
         keys.check_public_key(args.public_key)
     catalog = _datadir(args).catalog()

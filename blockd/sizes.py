@@ -93,10 +93,10 @@ def parse_volume_size(text):
     return check_volume_size(parse_size(text), text)
 
 
-def check_name(name):
-    """Volume names: ``[a-z0-9][a-z0-9._-]{0,62}``."""
+def check_name(name, what="volume"):
+    """Volume (and peer) names: ``[a-z0-9][a-z0-9._-]{0,62}``."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise BadInput(
-            f"invalid volume name {name!r}: use 1-63 characters of a-z 0-9 . _ -, starting with a letter or digit"
+            f"invalid {what} name {name!r}: use 1-63 characters of a-z 0-9 . _ -, starting with a letter or digit"
         )
     return name

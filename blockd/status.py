@@ -135,8 +135,53 @@ def collect(url, interval=1.0, pid=None):
         },
         "latency": latency,
         "capacity": capacity,
-        "replication": None,  # no replicated volumes yet
+        "replication": _replication(before, after, dt),
     }
+
+
+def _replication(before, after, dt):
+    """Replicated volumes (open ones), peers and the sink, from the replication metrics; None if this
+    server replicates nothing (no such metrics)."""
+    names = {n for n, _ in after}
+    if not names & {"blockd_volume_min_copies", "blockd_peer_connected", "blockd_sink_applied_total"}:
+        return None
+    volumes = {}
+    for (n, labels), v in after.items():
+        d = dict(labels)
+        if n == "blockd_volume_min_copies":
+            volumes.setdefault(d["volume"], {"peers": {}})["min_copies"] = int(v)
+        elif n == "blockd_volume_fenced":
+            volumes.setdefault(d["volume"], {"peers": {}})["fenced"] = bool(v)
+    for (n, labels), v in after.items():
+        d = dict(labels)
+        if d.get("volume") not in volumes or "peer" not in d:
+            continue
+        peer = volumes[d["volume"]]["peers"].setdefault(d["peer"], {})
+        if n == "blockd_replica_state" and v == 1:
+            peer["state"] = d["state"]
+        elif n == "blockd_replica_resync_remaining_bytes":
+            peer["resync_remaining_bytes"] = int(v)
+        elif n == "blockd_replica_resynced_bytes_total":
+            key = (n, labels)
+            peer["resync_bytes_per_second"] = max(0.0, (v - before.get(key, v)) / dt)
+    peers = {}
+    for name in sorted(_by(after, "blockd_peer_connected", "peer")):
+        acks = _sum(after, "blockd_peer_acks_total", peer=name) - _sum(before, "blockd_peer_acks_total", peer=name)
+        secs = (_sum(after, "blockd_peer_ack_seconds_total", peer=name)
+                - _sum(before, "blockd_peer_ack_seconds_total", peer=name))
+        peers[name] = {
+            "connected": bool(_sum(after, "blockd_peer_connected", peer=name)),
+            "pending_messages": int(_sum(after, "blockd_peer_pending_messages", peer=name)),
+            "acks_per_second": max(0.0, acks / dt),
+            "mean_ack_seconds": secs / acks if acks > 0 else None,
+            "failures": int(_sum(after, "blockd_peer_failures_total", peer=name)),
+        }
+    sink = None
+    if "blockd_sink_applied_total" in names or "blockd_sink_refused_total" in names:
+        sink = {"applied_per_second": max(0.0, (_sum(after, "blockd_sink_applied_total")
+                                                - _sum(before, "blockd_sink_applied_total")) / dt),
+                "refused": int(_sum(after, "blockd_sink_refused_total"))}
+    return {"volumes": volumes, "peers": peers, "sink": sink}
 
 
 def _bar(fraction, width=30):
@@ -186,5 +231,26 @@ def render(st):
                 f"{_rate(v['read_bytes_per_second']):>11}  {_rate(v['write_bytes_per_second']):>11}  {burst:>6}  "
                 f"{v['throttled_seconds_per_second']:>8.2f}s  {format_size(v['allocated_bytes'])}"
             )
-    lines.append("replication: none configured")
+    r = st["replication"]
+    if r is None:
+        lines.append("replication: none configured")
+        return "\n".join(lines)
+    lines.append("")
+    for name, v in sorted(r["volumes"].items()):
+        fenced = ", FENCED" if v.get("fenced") else ""
+        lines.append(f"replication {name}: min copies {v.get('min_copies')}{fenced}")
+        for peer, p in sorted(v["peers"].items()):
+            extra = ""
+            if p.get("resync_remaining_bytes"):
+                extra = (f", {format_size(p['resync_remaining_bytes'])} to resync"
+                         f" at {_rate(p.get('resync_bytes_per_second', 0.0))}")
+            lines.append(f"  {peer}: {p.get('state', '?')}{extra}")
+    for name, p in r["peers"].items():
+        ack = f", mean ack {p['mean_ack_seconds'] * 1e3:.2f} ms" if p["mean_ack_seconds"] is not None else ""
+        lines.append(f"peer {name}: {'connected' if p['connected'] else 'NOT CONNECTED'}, "
+                     f"{p['acks_per_second']:.0f} acks/s{ack}, {p['pending_messages']} pending, "
+                     f"{p['failures']} failures")
+    if r["sink"] is not None:
+        lines.append(f"sink: {r['sink']['applied_per_second']:.0f} messages applied/s, "
+                     f"{r['sink']['refused']} refused")
     return "\n".join(lines)

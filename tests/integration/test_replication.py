@@ -517,9 +517,18 @@ def test_replication_metrics_and_the_names_dashboards_use(cluster):
     assert sa[("blockd_peer_acks_total", (("peer", "b"),))] >= 2
     assert sb[("blockd_sink_applied_total", (("type", "WRITE"),))] >= 1
     assert sb[("blockd_sink_refused_total", (("reason", "corrupt"),))] == 0
+    # `blockd status` reads the same metrics.
+    st = js(a.cli("status", "--json", "--interval", "0.2", check=True))["replication"]
+    assert st["volumes"]["v"]["min_copies"] == 2 and st["volumes"]["v"]["peers"]["b"]["state"] == "in_sync"
+    assert st["peers"]["b"]["connected"] is True and st["peers"]["b"]["failures"] == 0
+    assert js(b.cli("status", "--json", "--interval", "0.2", check=True))["replication"]["sink"]["refused"] == 0
     b.server.kill9()
     wait_for(lambda: scrape(a)[("blockd_replica_in_sync", (("peer", "b"), ("volume", "v")))] == 0, 30,
              what="the metric to follow the replica")
+    st = js(a.cli("status", "--json", "--interval", "0.2", check=True))["replication"]
+    assert st["volumes"]["v"]["peers"]["b"]["state"] == "out_of_sync"
+    text = a.cli("status", "--interval", "0.2", check=True).stdout
+    assert "replication v: min copies 2" in text and "b: out_of_sync" in text
     exported = {n for n, _ in scrape(a)} | {n for n, _ in sb}
     used = set()
     with open(os.path.join(ROOT, "tools", "grafana", "blockd.json")) as f:
