@@ -409,7 +409,8 @@ class Catalog:
 
     def set_epoch_role(self, volume_id, epoch, role):
         with self.transaction() as db:
-            db.execute("UPDATE volumes SET epoch=?, role=? WHERE id=?", (epoch, role, volume_id))
+            db.execute("UPDATE volumes SET epoch=?, role=?, sync_state=CASE WHEN sync_state='promoted' THEN NULL "
+                       "ELSE sync_state END WHERE id=?", (epoch, role, volume_id))
 
     def clear_promoted(self, volume_id):
         with self.transaction() as db:

@@ -511,7 +511,18 @@ def cmd_volume_resize(args):
 
 
 def cmd_volume_delete(args):
+    check_name(args.name)
     datadir = _datadir(args)
+    if not args.force:
+        catalog = datadir.catalog()
+        try:
+            row = catalog.find_volume(args.name)
+        finally:
+            catalog.close()
+        if row is not None and row["role"] == "replica":
+            raise Refused(f"volume {args.name} is a replica held here for its primary: deleting it loses a copy "
+                          "(the primary recreates it and resyncs it in full when it next reaches this node); "
+                          "--force to delete it anyway")
     mode, handle = _live(datadir, args.name)
     cut = 0
     if mode == "online":

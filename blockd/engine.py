@@ -103,7 +103,11 @@ class Engine:
                         f"volume {row['name']} is replicated: this server has no replication configured "
                         "(a key pair in --key-dir, or --insecure-replication)"
                     )
-                self.replication.attach(volume, again)
+                try:
+                    self.replication.attach(volume, again)
+                except BaseException:
+                    store.close()  # no flush: recovered chunks stay in the intent log for the next open
+                    raise
             return _Open(volume, lock_fd)
         except BaseException:
             os.close(lock_fd)

@@ -341,9 +341,10 @@ class PeerLink:
 class _Direct:
     """One message a request thread sent on its own socket, until its answer or deadline."""
 
-    __slots__ = ("sock", "seq", "callback", "deadline", "sent_at", "link", "size")
+    __slots__ = ("sock", "seq", "callback", "deadline", "sent_at", "link", "size", "peer")
 
-    def __init__(self, sock, seq, callback, sent_at, deadline, link, size):
+    def __init__(self, sock, seq, callback, sent_at, deadline, link, size, peer):
+        self.peer = peer  # its PeerState
         self.sock = sock
         self.seq = seq
         self.callback = callback
@@ -383,7 +384,7 @@ class Ticket:
 class PeerState:
     __slots__ = ("link", "peer_id", "state", "bitmap", "generation", "resync_thread", "resync_total",
                  "resync_done", "resynced_bytes", "skipped_chunks", "seeded", "unflushed", "_bitmap_lock",
-                 "created", "link_pending", "outstanding")
+                 "created", "link_pending", "outstanding", "unrecorded")
 
     def __init__(self, link, peer_id, state, bitmap, seeded):
         self.link = link
@@ -402,25 +403,34 @@ class PeerState:
         # It answered this open's CREATE: writes may then bypass the link (nothing must overtake CREATE).
         self.created = False
         self.link_pending = 0  # writes queued on the link and not yet answered: later ones follow them there
-        self.outstanding = set()  # seqs of those: settled (answered, or the miss recorded) when they leave
+        self.outstanding = set()  # seqs sent to it (link or direct) until answered or their miss recorded
+        self.unrecorded = set()  # missed chunks the bitmap could not take (disk full): retried, resynced
 
     def record(self, chunks):
-        """Durably add chunks to its resync bitmap (request, link and resync threads share it)."""
+        """Durably add chunks to its resync bitmap (request, link and resync threads share it), with
+        any that an earlier attempt could not record."""
         with self._bitmap_lock:
-            self.bitmap.add(sorted(chunks))
+            self.bitmap.add(sorted(set(chunks) | self.unrecorded))
+            self.unrecorded.clear()
 
     def remember(self, chunks):
-        """Chunks it missed that could not be recorded durably: resynced by this process all the same."""
+        """Chunks it missed that could not be recorded durably: resynced by this process all the same,
+        and tried again at the next record()."""
         with self._bitmap_lock:
-            self.bitmap.chunks.update(chunks)
+            self.unrecorded.update(c for c in chunks if c not in self.bitmap.chunks)
 
     def forget(self, chunks):
         with self._bitmap_lock:
+            self.unrecorded.difference_update(chunks)
             self.bitmap.remove(sorted(chunks))
 
     def pending_chunks(self):
         with self._bitmap_lock:
-            return sorted(self.bitmap.chunks)
+            return sorted(self.bitmap.chunks | self.unrecorded)
+
+    def pending_count(self):
+        with self._bitmap_lock:
+            return len(self.bitmap.chunks) + len(self.unrecorded)
 
 
 class VolumeReplication:
@@ -549,6 +559,9 @@ class VolumeReplication:
                                    f"{self.epoch} is current (no peer answered)")
             if self.fenced:
                 raise VolumeFailed(f"{self.volume.name}: fenced: a newer primary holds epoch > {self.epoch}")
+            if self.volume.store.failed and type_ != rp.FLUSH:
+                # Refused here before any peer applies what this copy will refuse.
+                raise VolumeFailed(f"{self.volume.name}: volume failed: {self.volume.store.failed}; writes refused")
             self._seq += 1
             seq = ticket.seq = self._seq
             targets = []
@@ -568,34 +581,49 @@ class VolumeReplication:
         msg = rp.Message(type_, volume=self.repl_id, epoch=self.epoch, seq=seq, offset=offset, length=length,
                          flags=flags, sums=sums, data=data)
         frames = None
-        for name, ps in targets:
-            at_risk = None
-            if type_ == rp.FLUSH:
-                with self._cond:
-                    at_risk, ps.unflushed = ps.unflushed, set()  # what this flush makes durable there
-            callback = self._callback(ticket, name, ps, at_risk)
-            link = ps.link
-            # Direct only when no earlier write to this peer is still queued on the link: the link and
-            # the request threads' sockets are separate connections, with no order between them.
-            if ps.created and link.up and not ps.link_pending:
-                # On this thread's own socket: no hand-off to the link thread and back.  Overlapping
-                # writes stay ordered because the caller holds the range lock until collect().
-                if frames is None:
-                    frames = rp.encode(msg)
-                try:
-                    sock = link.direct_socket()
-                    sock.send_multipart(frames, copy=False)
-                except zmq.ZMQError:
+        sent = 0
+        with self._cond:
+            # Settled when answered, or when its miss is recorded (settle() waits for these).  Added
+            # before the send, so before the caller marks its chunks dirty for the next flush.
+            for _name, ps in targets:
+                ps.outstanding.add(seq)
+        try:
+            for name, ps in targets:
+                at_risk = None
+                if type_ == rp.FLUSH:
+                    with self._cond:
+                        at_risk, ps.unflushed = ps.unflushed, set()  # what this flush makes durable there
+                callback = self._callback(ticket, name, ps, at_risk)
+                link = ps.link
+                # Direct only when no earlier write to this peer is still queued on the link: the link and
+                # the request threads' sockets are separate connections, with no order between them.
+                if ps.created and link.up and not ps.link_pending:
+                    # On this thread's own socket: no hand-off to the link thread and back.  Overlapping
+                    # writes stay ordered because the caller holds the range lock until collect().
+                    if frames is None:
+                        frames = rp.encode(msg)
+                    try:
+                        sock = link.direct_socket()
+                        sock.send_multipart(frames, copy=False)
+                    except zmq.ZMQError:
+                        self._send_on_link(ps, msg, callback)
+                        sent += 1
+                        continue
+                    link.count_sent(len(data))
+                    now = time.monotonic()
+                    if ticket.direct is None:
+                        ticket.direct = []
+                    ticket.direct.append(_Direct(sock, seq, callback, now, now + self.settings.ack_timeout, link,
+                                                 len(data), ps))
+                else:
                     self._send_on_link(ps, msg, callback)
-                    continue
-                link.count_sent(len(data))
-                now = time.monotonic()
-                if ticket.direct is None:
-                    ticket.direct = []
-                ticket.direct.append(_Direct(sock, seq, callback, now, now + self.settings.ack_timeout, link,
-                                             len(data)))
-                continue
-            self._send_on_link(ps, msg, callback)
+                sent += 1
+        finally:
+            if sent < len(targets):  # never sent: nothing will settle them
+                with self._cond:
+                    for _name, ps in targets[sent:]:
+                        ps.outstanding.discard(seq)
+                    self._cond.notify_all()
         return ticket
 
     def _send_on_link(self, ps, msg, callback):
@@ -650,7 +678,14 @@ class VolumeReplication:
         try:
             d.callback(False, reason)
         finally:
+            self._settled(d.peer, d.seq)
             d.link.reset(reason)
+
+    def _settled(self, ps, seq):
+        """Its answer (or the record of its miss) is in: a flush waiting in settle() may go on."""
+        with self._cond:
+            ps.outstanding.discard(seq)
+            self._cond.notify_all()
 
     def _take(self, d, pending):
         while True:
@@ -670,7 +705,10 @@ class VolumeReplication:
                 continue  # an answer to an earlier request on this socket, already given up
             pending.remove(d)
             d.link.count_ack(time.monotonic() - d.sent_at)
-            d.callback(reply.type == rp.ACK, reply)
+            try:
+                d.callback(reply.type == rp.ACK, reply)
+            finally:
+                self._settled(d.peer, d.seq)
             return
 
     def _callback(self, ticket, name, ps, at_risk=None):
@@ -837,6 +875,7 @@ class VolumeReplication:
         confirmation.  A copy that answers with a newer epoch still fences it."""
         with self._cond:
             self.confirmed = True
+            self._promoted = True  # the first peer to answer CREATE clears the catalog's 'promoted'
             self.manager.confirmed_epochs[self.volume.volume_id] = self.epoch
             self._wake_all()
 
@@ -922,7 +961,7 @@ class VolumeReplication:
                     if ahead > 0:
                         time.sleep(ahead)
             with self._cond:
-                if not ps.bitmap.chunks and ps.state.state == rp.RESYNCING:
+                if not ps.pending_count() and ps.state.state == rp.RESYNCING:
                     ps.state.on("resynced")
                     ps.generation += 1
                     self._wake_all()
@@ -1016,8 +1055,8 @@ class VolumeReplication:
                         "state": ps.state.state,
                         "connected": ps.link.up,
                         "address": ps.link.address,
-                        "resync_remaining_chunks": len(ps.bitmap.chunks),
-                        "resync_remaining_bytes": len(ps.bitmap.chunks) * self.volume.chunk_size,
+                        "resync_remaining_chunks": ps.pending_count(),
+                        "resync_remaining_bytes": ps.pending_count() * self.volume.chunk_size,
                         "resync_done_chunks": ps.resync_done,
                         "resync_total_chunks": ps.resync_total,
                         "resynced_bytes": ps.resynced_bytes,
@@ -1122,6 +1161,7 @@ class Manager:
         with vr._cond:
             vr.fenced = True
             vr._wake_all()
+        self.confirmed_epochs.pop(vr.volume.volume_id, None)
         log(f"{vr.volume.name}: peer {by} holds epoch {epoch} > {vr.epoch}: fenced, now a replica")
         self.detach(vr.volume, wait=False)  # maybe on the link thread, which a resync may be waiting on
         try:

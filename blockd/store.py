@@ -123,9 +123,10 @@ class ChunkStore:
             self._write_sums(c, sums)
         self.files.fsync_dir(self.root)
         self._sync_sums()
-        # Only now, with data and checksums durable, forget the chunks.
-        self.intent.chunks = set()
-        self.intent.rewrite()
+        # Data and checksums are durable now, but the chunks stay in the intent log until the next
+        # flush: a replicated primary first adds them to every peer's resync bitmap (the copies may
+        # have split), and a crash before that must find them here again.
+        self.dirty.update(chunk_indexes)
         self.recovered_chunks = len(chunk_indexes)
         self.recovered = list(chunk_indexes)  # replication resyncs these too: a crash may have split the copies
 
@@ -432,7 +433,9 @@ class ChunkStore:
                     self._write_sums(c, sums)
             self._sync_sums()
             try:
-                keep = settled is not None and not settled()
+                # A miss the callback's wait saw recorded nowhere (the bitmap could not be written)
+                # failed the store meanwhile: then the intent log is the only record left.
+                keep = settled is not None and (not settled() or bool(self.failed))
             except BaseException:
                 keep = True
                 raise
@@ -441,6 +444,8 @@ class ChunkStore:
                     with self._lock:
                         self.dirty.update(batch)  # still in the intent log: the next flush tries again
             if keep:
+                if self.failed:
+                    raise VolumeFailed(f"volume failed: {self.failed}")
                 return
             with self._lock:
                 clean = [c for c in batch if c not in self.dirty]

@@ -431,7 +431,9 @@ class Volume:
             # before is in, or its miss is on record (a write acknowledged without it is otherwise
             # recorded nowhere once the intent log is cleared).  The local fdatasyncs overlap this.
             repl.collect(ticket)
-            return repl.settle(ticket.seq)
+            # Up to the last seq sent now, after the snapshot: a write that sent after this flush's
+            # FLUSH but marked its chunks dirty before the snapshot is in this batch too.
+            return repl.settle(repl.last_seq())
 
         try:
             self.store.flush(settled)

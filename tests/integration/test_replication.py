@@ -733,6 +733,9 @@ def test_a_lost_replica_leaves_its_primary_writable_across_reopens_and_promote_f
     a, b = cluster(2)
     a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", "--min-copies", "1", check=True)
     start_in_sync(a, [b], "v", 1, 4096).shutdown()  # the last connection closes: the volume closes
+    refused = b.cli("volume", "delete", "v")  # the replica's node: not without --force
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1 and "--force" in refused.stderr
+    assert js(b.cli("volume", "show", "v", "--json", check=True))["replication"]["role"] == "replica"
     b.server.kill9()
     h = a.connect("v")  # opened again, with the replica gone
     assert replication(a, "v")["confirmed"] is True
@@ -759,4 +762,12 @@ def test_a_lost_replica_leaves_its_primary_writable_across_reopens_and_promote_f
     wait_in_sync(a, "v")
     result = verify(a, "v")
     assert result["identical"], (result, replication(a, "v"), a.server.log()[-3000:])
+    # Its answer confirmed the epoch: the next start needs a peer's answer again, not --force.
+    from blockd.datadir import DataDir
+
+    catalog = DataDir(a.data).catalog()
+    try:
+        assert catalog.volume("v")["sync_state"] != "promoted"
+    finally:
+        catalog.close()
     h.shutdown()

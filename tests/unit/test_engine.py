@@ -200,6 +200,11 @@ def test_write_intent_log_recovery_recomputes_checksums(tmp_path):
     assert vol.store.recovered_chunks == 1
     assert read(vol, 0, CHUNK) == data
     assert vol.scrub() == []
+    # Listed in the intent log until the next flush (a replicated primary records them for its
+    # peers first), then forgotten.
+    assert vol.store.intent.chunks == {0}
+    vol.flush()
+    assert vol.store.intent.chunks == set()
 
 
 def test_descriptor_cap_closes_dirty_chunks_and_flush_still_syncs_them(rig, monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 
 from blockd.errors import VolumeFailed
 from blockd.fileio import OsFiles
+from blockd.intent import IntentLog
 from blockd.replication import Manager, Settings, Sink
 from conftest import free_port
 from enginekit import Rig
@@ -89,8 +90,10 @@ def test_a_miss_that_cannot_be_recorded_fails_the_volume_instead_of_being_acknow
         volume.write(np.full(4096, 2, np.uint8), 3 * CHUNK)  # min-copies 1 would have acknowledged it
     assert 3 in peer.pending_chunks()  # this process still resyncs it when the peer returns
 
-    with pytest.raises(VolumeFailed):  # refused from now on, before touching anything
+    sent = peer.link.sent
+    with pytest.raises(VolumeFailed, match="writes refused"):  # from now on, before any peer gets it
         volume.write(np.full(4096, 3, np.uint8), 5 * CHUNK)
+    assert peer.link.sent == sent
     with pytest.raises(VolumeFailed):
         volume.flush()
     out = bytearray(4096)
@@ -99,7 +102,20 @@ def test_a_miss_that_cannot_be_recorded_fails_the_volume_instead_of_being_acknow
     volume.read(memoryview(out), 0)
     assert out == b"\x01" * 4096  # reads still work
 
-    # Power cut: the write-intent log never cleared chunk 3, and a restart puts it in the bitmap.
+    # Room again: the next record also writes what could not be recorded before.
+    primary.files.full = False
+    peer.record({4})
+    again = IntentLog(OsFiles(), primary.datadir.resync_path(volume.volume_id, "b"))
+    assert {3, 4} <= again.load()
+
+    # Power cut, and the disk still full at the next start: opening fails, and the write-intent log,
+    # which no flush cleared, still holds chunk 3 for the open after that.
     primary.crash()
+    primary.files.full = True
+    os.truncate(primary.datadir.resync_path(volume.volume_id, "b"), 0)  # lost: only the intent log is left
+    with pytest.raises(OSError):
+        start_primary()
+    primary.files.full = False
     volume = start_primary()
     assert 3 in volume.replication.peers["b"].pending_chunks()
+    assert 3 in volume.store.intent.chunks  # until the next flush, with the bitmap durable first
