@@ -354,15 +354,20 @@ class Engine:
     def _force_confirm(self, row):
         """`promote --force` on the primary: its replicas are gone, so none can confirm its epoch after
         a restart; serve it writable anyway (now, and at the next start until a peer answers)."""
-        self.catalog.confirm_primary(row["id"])
         vr = self.replication.volume(row["id"]) if self.replication is not None else None
+        peers = [p["name"] for p in self.catalog.volume_replicas(row["id"])]
+        report = {"name": row["name"], "epoch": row["epoch"], "replicas": peers, "forced": False,
+                  "confirmed_only": True, "min_copies": row["min_copies"], "warnings": []}
+        if vr is not None and vr.confirmed:
+            return report  # a peer confirmed it in this process: nothing to force
+        # Marked before the open copy changes: a restart in between stays writable as promised.
+        self.catalog.confirm_primary(row["id"])
         if vr is not None:
             vr.force_confirm()
-        peers = [p["name"] for p in self.catalog.volume_replicas(row["id"])]
-        return {"name": row["name"], "epoch": row["epoch"], "replicas": peers, "forced": True,
-                "confirmed_only": True, "min_copies": row["min_copies"],
-                "warnings": [f"no peer confirmed epoch {row['epoch']}: if a replica was promoted meanwhile, this "
-                             "copy is fenced when they meet and the writes it takes until then are lost"]}
+        report["forced"] = True
+        report["warnings"].append(f"no peer confirmed epoch {row['epoch']}: if a replica was promoted meanwhile, "
+                                  "this copy is fenced when they meet and the writes it takes until then are lost")
+        return report
 
     def verify(self, name):
         """Per-block checksums of this copy against every replica's: {peer: [differing offsets]}."""

@@ -355,11 +355,12 @@ class _Direct:
 
 
 class Ticket:
-    __slots__ = ("chunks", "acked", "failed", "done", "_signal", "direct", "error", "seq")
+    __slots__ = ("chunks", "acked", "failed", "done", "_signal", "direct", "error", "seq", "abandoned")
 
     def __init__(self, chunks):
         self.chunks = chunks
         self.seq = None
+        self.abandoned = None  # why this copy could not apply it: every peer's copy of it is resynced
         self.direct = None  # [_Direct]: answers this request thread collects itself
         self.acked = set()  # peers that acknowledged
         self.failed = {}  # peer -> its sync generation when it failed this request
@@ -446,6 +447,7 @@ class VolumeReplication:
         self._cond = threading.Condition()
         self._seq = time.time_ns() // 1000  # rises across restarts: survivors compare applied seqs
         self._waiting = set()  # tickets a request thread is waiting on
+        self._settling = 0  # threads in settle(): only then does a settled request notify
         self.peers = {}  # name -> PeerState
         self.fenced = False
         self.closed = False  # the volume closed: no resync may read through it any more
@@ -457,16 +459,24 @@ class VolumeReplication:
         self.confirmed = (not peers or row["sync_state"] == "promoted"
                           or manager.confirmed_epochs.get(volume.volume_id) == self.epoch)
         self._promoted = row["sync_state"] == "promoted"
-        for p in peers:
-            bitmap = IntentLog(manager.files, manager.datadir.resync_path(volume.volume_id, p["name"]))
-            bitmap.load()
-            # A peer with missed chunks on record starts out of sync; others are assumed in sync
-            # until their first request says otherwise (the CREATE handshake checks).
-            if volume.store.recovered:
-                # Chunks dirty when this node crashed may differ between the copies.
-                bitmap.add(sorted(volume.store.recovered))
-            state = rp.OUT_OF_SYNC if bitmap.chunks else rp.IN_SYNC
-            self.peers[p["name"]] = PeerState(manager.link(p), p["peer_id"], state, bitmap, bool(p["seeded"]))
+        bitmaps = []
+        try:
+            for p in peers:
+                bitmap = IntentLog(manager.files, manager.datadir.resync_path(volume.volume_id, p["name"]))
+                bitmaps.append(bitmap)
+                bitmap.load()
+                # A peer with missed chunks on record starts out of sync; others are assumed in sync
+                # until their first request says otherwise (the CREATE handshake checks).
+                if volume.store.recovered:
+                    # Chunks dirty when this node crashed may differ between the copies.
+                    bitmap.add(sorted(volume.store.recovered))
+                state = rp.OUT_OF_SYNC if bitmap.chunks else rp.IN_SYNC
+                self.peers[p["name"]] = PeerState(manager.link(p), p["peer_id"], state, bitmap,
+                                                  bool(p["seeded"]))
+        except BaseException:
+            for bitmap in bitmaps:
+                bitmap.close()
+            raise
 
     # -- handshake ---------------------------------------------------------------------
     def _info(self):
@@ -546,17 +556,27 @@ class VolumeReplication:
             return self._seq
 
     # -- sending -----------------------------------------------------------------------
+    def wait_writable(self):
+        """Until a peer confirmed this copy's epoch (ReadOnly after --write-timeout); at once after."""
+        with self._cond:
+            self._wait_confirmed()
+
+    def _wait_confirmed(self):
+        if self.confirmed:
+            return
+        deadline = time.monotonic() + self.settings.write_timeout
+        while not self.confirmed and not self.fenced and time.monotonic() < deadline:
+            self._cond.wait(0.2)
+        if not self.confirmed and not self.fenced:
+            raise ReadOnly(f"{self.volume.name}: read-only until a peer confirms this copy's epoch "
+                           f"{self.epoch} is current (no peer answered)")
+
     def _send(self, type_, offset, length, chunks, flags=0, sums=b"", data=b""):
         """Send to every peer that receives writes; return the ticket to wait on."""
         ticket = Ticket(chunks)
         with self._cond:
-            if not self.confirmed and type_ != rp.FLUSH:
-                deadline = time.monotonic() + self.settings.write_timeout
-                while not self.confirmed and not self.fenced and time.monotonic() < deadline:
-                    self._cond.wait(0.2)
-                if not self.confirmed and not self.fenced:
-                    raise ReadOnly(f"{self.volume.name}: read-only until a peer confirms this copy's epoch "
-                                   f"{self.epoch} is current (no peer answered)")
+            if type_ != rp.FLUSH:
+                self._wait_confirmed()
             if self.fenced:
                 raise VolumeFailed(f"{self.volume.name}: fenced: a newer primary holds epoch > {self.epoch}")
             if self.volume.store.failed and type_ != rp.FLUSH:
@@ -578,16 +598,18 @@ class VolumeReplication:
                             ps.record(chunks)
                         except OSError as exc:
                             raise VolumeFailed(self._unrecorded(name, ps, chunks, exc)) from exc
-        msg = rp.Message(type_, volume=self.repl_id, epoch=self.epoch, seq=seq, offset=offset, length=length,
-                         flags=flags, sums=sums, data=data)
+            # Outstanding until answered, or its miss recorded: settle() waits for these.  Not a
+            # flush's own: its answers are collected by that flush, which may be waiting for the
+            # flush lock another flush holds while it settles.
+            track = type_ != rp.FLUSH
+            if track:
+                for _name, ps in targets:
+                    ps.outstanding.add(seq)
         frames = None
         sent = 0
-        with self._cond:
-            # Settled when answered, or when its miss is recorded (settle() waits for these).  Added
-            # before the send, so before the caller marks its chunks dirty for the next flush.
-            for _name, ps in targets:
-                ps.outstanding.add(seq)
         try:
+            msg = rp.Message(type_, volume=self.repl_id, epoch=self.epoch, seq=seq, offset=offset,
+                             length=length, flags=flags, sums=sums, data=data)
             for name, ps in targets:
                 at_risk = None
                 if type_ == rp.FLUSH:
@@ -606,7 +628,7 @@ class VolumeReplication:
                         sock = link.direct_socket()
                         sock.send_multipart(frames, copy=False)
                     except zmq.ZMQError:
-                        self._send_on_link(ps, msg, callback)
+                        self._send_on_link(ps, msg, callback, track)
                         sent += 1
                         continue
                     link.count_sent(len(data))
@@ -616,20 +638,25 @@ class VolumeReplication:
                     ticket.direct.append(_Direct(sock, seq, callback, now, now + self.settings.ack_timeout, link,
                                                  len(data), ps))
                 else:
-                    self._send_on_link(ps, msg, callback)
+                    self._send_on_link(ps, msg, callback, track)
                 sent += 1
-        finally:
-            if sent < len(targets):  # never sent: nothing will settle them
-                with self._cond:
-                    for _name, ps in targets[sent:]:
-                        ps.outstanding.discard(seq)
-                    self._cond.notify_all()
+        except BaseException:
+            with self._cond:
+                for _name, ps in targets[sent:]:  # never sent: nothing will settle them
+                    ps.outstanding.discard(seq)
+                self._notify_settled()
+            # The peers it did reach may apply it, and the caller never learns of this ticket.
+            self.abandon(ticket, "the request failed on this node while it was being sent")
+            for d in list(ticket.direct or ()):
+                self._give_up(d, ticket.direct, "the request failed on this node")
+            raise
         return ticket
 
-    def _send_on_link(self, ps, msg, callback):
+    def _send_on_link(self, ps, msg, callback, track=True):
         with self._cond:
             ps.link_pending += 1
-            ps.outstanding.add(msg.seq)
+            if track:
+                ps.outstanding.add(msg.seq)
 
         def answered(ok, reply):
             try:
@@ -637,10 +664,21 @@ class VolumeReplication:
             finally:
                 with self._cond:
                     ps.link_pending -= 1
-                    ps.outstanding.discard(msg.seq)
-                    self._cond.notify_all()
+                    if track:
+                        ps.outstanding.discard(msg.seq)
+                        self._notify_settled()
 
         ps.link.send(msg, answered)
+
+    def abandon(self, ticket, reason):
+        """This copy failed to apply a request its peers were sent (a local write error): whatever they
+        applied must be overwritten from this copy, so every peer misses it: those that acknowledged it
+        now, those that answer later when they do (an acknowledgement then counts as a miss)."""
+        with self._cond:
+            ticket.abandoned = reason
+            acked, ticket.acked = ticket.acked, set()
+        for name in acked:
+            self._missed(name, self.peers[name], ticket.chunks, reason, ticket=ticket)
 
     def collect(self, ticket):
         """Take the answers to what this thread sent on its own sockets, or give up on them at their
@@ -676,7 +714,7 @@ class VolumeReplication:
         pending.remove(d)
         d.link.drop_direct(d.sock)
         try:
-            d.callback(False, reason)
+            _call(d.callback, False, reason)
         finally:
             self._settled(d.peer, d.seq)
             d.link.reset(reason)
@@ -685,6 +723,11 @@ class VolumeReplication:
         """Its answer (or the record of its miss) is in: a flush waiting in settle() may go on."""
         with self._cond:
             ps.outstanding.discard(seq)
+            self._notify_settled()
+
+    def _notify_settled(self):
+        """Called with the condition held."""
+        if self._settling:
             self._cond.notify_all()
 
     def _take(self, d, pending):
@@ -706,7 +749,7 @@ class VolumeReplication:
             pending.remove(d)
             d.link.count_ack(time.monotonic() - d.sent_at)
             try:
-                d.callback(reply.type == rp.ACK, reply)
+                _call(d.callback, reply.type == rp.ACK, reply)
             finally:
                 self._settled(d.peer, d.seq)
             return
@@ -715,15 +758,19 @@ class VolumeReplication:
         def answered(ok, reply):
             if ok:
                 with self._cond:
-                    # Acknowledged but not yet flushed there: at risk if that machine loses power, so a
-                    # later miss records these chunks, whether or not this answer counted.
-                    ps.unflushed.update(ticket.chunks)
-                    if ps.state.counts:
-                        ticket.acked.add(name)
-                    else:
-                        ticket.failed[name] = ps.generation
-                ticket.wake()  # only the request waiting on it: no stampede of every waiter
-                return
+                    abandoned = ticket.abandoned
+                    if not abandoned:
+                        # Acknowledged but not yet flushed there: at risk if that machine loses power, so
+                        # a later miss records these chunks, whether or not this answer counted.
+                        ps.unflushed.update(ticket.chunks)
+                        if ps.state.counts:
+                            ticket.acked.add(name)
+                        else:
+                            ticket.failed[name] = ps.generation
+                if not abandoned:
+                    ticket.wake()  # only the request waiting on it: no stampede of every waiter
+                    return
+                ok, reply = False, abandoned  # applied there, not here: resynced from this copy
             chunks = set(ticket.chunks) | at_risk if at_risk else ticket.chunks
             code = None
             body = {}
@@ -853,11 +900,15 @@ class VolumeReplication:
         answer is on record nowhere else.  False if that takes longer than any deadline allows."""
         deadline = time.monotonic() + 3 * self.settings.ack_timeout + 1.0
         with self._cond:
-            while any(s <= seq for ps in self.peers.values() for s in ps.outstanding):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.5))
+            self._settling += 1
+            try:
+                while any(s <= seq for ps in self.peers.values() for s in ps.outstanding):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(min(left, 0.5))
+            finally:
+                self._settling -= 1
         return True
 
     def last_seq(self):
@@ -872,12 +923,16 @@ class VolumeReplication:
 
     def force_confirm(self):
         """The operator's choice (`volume promote --force` on the primary): writable without a peer's
-        confirmation.  A copy that answers with a newer epoch still fences it."""
+        confirmation.  A copy that answers with a newer epoch still fences it.  False if a peer had
+        confirmed it already (nothing to force)."""
         with self._cond:
+            if self.confirmed:
+                return False
             self.confirmed = True
             self._promoted = True  # the first peer to answer CREATE clears the catalog's 'promoted'
             self.manager.confirmed_epochs[self.volume.volume_id] = self.epoch
             self._wake_all()
+        return True
 
     def set_min_copies(self, n):
         with self._cond:
@@ -1007,9 +1062,11 @@ class VolumeReplication:
                 if not ok:
                     return False
                 ps.resynced_bytes += length
+            # Under the range lock: a write missing this peer right after would otherwise record the
+            # chunk (already listed: a no-op) and then lose it to this forget.
+            ps.forget([c])
         finally:
             volume.unlock_range(held)
-        ps.forget([c])
         return True
 
     def close(self, wait=True):
@@ -1146,7 +1203,13 @@ class Manager:
         with self._lock:
             self._volumes[volume.volume_id] = vr
         volume.replication = vr
-        vr.create_on_peers()
+        try:
+            vr.create_on_peers()
+        except BaseException:
+            with self._lock:
+                self._volumes.pop(volume.volume_id, None)
+            volume.replication = None
+            raise
         return vr
 
     def detach(self, volume, wait=True):

@@ -88,6 +88,7 @@ class ChunkStore:
         self._root_ready = False
         self.intent = IntentLog(files, os.path.join(root, INTENT_FILE))
         self.failed = None  # reason, once durability can no longer be trusted
+        self.deferred_flushes = 0  # flushes that left their batch in the intent log (peers not settled)
         self.recovered_chunks = 0
         self.recovered = []
 
@@ -435,7 +436,7 @@ class ChunkStore:
             try:
                 # A miss the callback's wait saw recorded nowhere (the bitmap could not be written)
                 # failed the store meanwhile: then the intent log is the only record left.
-                keep = settled is not None and (not settled() or bool(self.failed))
+                keep = (settled is not None and not settled()) or bool(self.failed)
             except BaseException:
                 keep = True
                 raise
@@ -446,6 +447,7 @@ class ChunkStore:
             if keep:
                 if self.failed:
                     raise VolumeFailed(f"volume failed: {self.failed}")
+                self.deferred_flushes += 1
                 return
             with self._lock:
                 clean = [c for c in batch if c not in self.dirty]

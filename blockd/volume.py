@@ -14,6 +14,7 @@ Unaligned write, drawn (B = 4 KiB block):
     |<-------- locked and written whole blocks -------->|
 """
 
+import contextlib
 import errno
 import os
 
@@ -221,11 +222,21 @@ class Volume:
             else:
                 data = self._merge_edges(buf, offset, start, end)
                 hashed = None
-            if repl is not None:
+            if repl is None:
+                touched = self._write_blocks(data, start, hashed)
+            else:
                 hashed = block_hashes(data)  # once: for the replicas' checksum frame and for our own store
-                # Sent under the range lock: overlapping writes reach every copy in the order applied here.
-                ticket = repl.send_write(start, data, fua, hashed[0])
-            touched = self._write_blocks(data, start, hashed)
+                touched = self._chunks(start, end)
+                # In the intent log before any peer sees it; sent under the range lock: overlapping
+                # writes reach every copy in the order applied here.
+                repl.wait_writable()  # not inside writing(): a flush's snapshot would wait on it
+                with self.store.writing(touched):
+                    ticket = repl.send_write(start, data, fua, hashed[0])
+                    try:
+                        self._write_blocks(data, start, hashed, marked=True)
+                    except BaseException as exc:
+                        repl.abandon(ticket, f"the write failed on this node: {exc}")
+                        raise
         finally:
             try:
                 if ticket is not None:
@@ -249,13 +260,17 @@ class Volume:
         view[offset - start : offset - start + len(buf)] = memoryview(buf).cast("B")
         return np.frombuffer(tmp, dtype=np.uint8)
 
-    def _write_blocks(self, data, offset, hashed=None):
-        """Write whole blocks at aligned ``offset``; all-zero blocks become holes."""
+    def _chunks(self, start, end):
+        return [s.chunk_index for s in segments(start, end - start, self.chunk_size)]
+
+    def _write_blocks(self, data, offset, hashed=None, marked=False):
+        """Write whole blocks at aligned ``offset``; all-zero blocks become holes.  ``marked``: the
+        caller holds ``store.writing()`` for these chunks already."""
         store = self.store
         sums, zflags, nzero = hashed if hashed is not None else block_hashes(data)
         segs = segments(offset, len(data), self.chunk_size)
         chunks = [s.chunk_index for s in segs]
-        with store.writing(chunks):
+        with contextlib.nullcontext() if marked else store.writing(chunks):
             try:
                 for seg in segs:
                     c = seg.chunk_index
@@ -353,9 +368,18 @@ class Volume:
         ticket = None
         held = self._locks.acquire(first, last, True)
         try:
-            if repl is not None:
-                ticket = repl.send_range("trim", offset, length, fua)
-            touched = self._punch_blocks(first, last)
+            if repl is None:
+                touched = self._punch_blocks(first, last)
+            else:
+                touched = self._chunks(first, last)
+                repl.wait_writable()
+                with self.store.writing(touched):  # in the intent log before any peer sees it
+                    ticket = repl.send_range("trim", offset, length, fua)
+                    try:
+                        self._punch_blocks(first, last, marked=True)
+                    except BaseException as exc:
+                        repl.abandon(ticket, f"the trim failed on this node: {exc}")
+                        raise
         finally:
             try:
                 if ticket is not None:
@@ -381,21 +405,18 @@ class Volume:
         ticket = None
         held = self._locks.acquire(start, end, True)
         try:
-            if repl is not None:
-                ticket = repl.send_range("zero", offset, length, fua)
-            touched = []
-            if last > first:
-                touched += self._punch_blocks(first, last)
-                edges = [(offset, first - offset), (last, offset + length - last)]
+            if repl is None:
+                touched = self._zero_range(offset, length, first, last)
             else:
-                edges = [(offset, length)]
-            for edge_offset, edge_length in edges:
-                if edge_length <= 0:
-                    continue
-                s = edge_offset & _MASK
-                e = (edge_offset + edge_length + BLOCK_SIZE - 1) & _MASK
-                data = self._merge_edges(bytes(edge_length), edge_offset, s, e)
-                touched += self._write_blocks(data, s)
+                touched = self._chunks(start, end)
+                repl.wait_writable()
+                with self.store.writing(touched):  # in the intent log before any peer sees it
+                    ticket = repl.send_range("zero", offset, length, fua)
+                    try:
+                        self._zero_range(offset, length, first, last, marked=True)
+                    except BaseException as exc:
+                        repl.abandon(ticket, f"the zero failed on this node: {exc}")
+                        raise
         finally:
             try:
                 if ticket is not None:
@@ -407,10 +428,26 @@ class Volume:
         if ticket is not None:
             repl.wait(ticket)
 
-    def _punch_blocks(self, first, last):
+    def _zero_range(self, offset, length, first, last, marked=False):
+        touched = []
+        if last > first:
+            touched += self._punch_blocks(first, last, marked)
+            edges = [(offset, first - offset), (last, offset + length - last)]
+        else:
+            edges = [(offset, length)]
+        for edge_offset, edge_length in edges:
+            if edge_length <= 0:
+                continue
+            s = edge_offset & _MASK
+            e = (edge_offset + edge_length + BLOCK_SIZE - 1) & _MASK
+            data = self._merge_edges(bytes(edge_length), edge_offset, s, e)
+            touched += self._write_blocks(data, s, marked=marked)
+        return touched
+
+    def _punch_blocks(self, first, last, marked=False):
         segs = segments(first, last - first, self.chunk_size)
         chunks = [s.chunk_index for s in segs]
-        with self.store.writing(chunks):
+        with contextlib.nullcontext() if marked else self.store.writing(chunks):
             for seg in segs:
                 try:
                     self._zero_blocks(seg.chunk_index, seg.chunk_offset, seg.length)

@@ -10,31 +10,38 @@ import time
 import numpy as np
 import pytest
 
-from blockd.errors import VolumeFailed
+from blockd.errors import NoSpace, VolumeFailed
 from blockd.fileio import OsFiles
 from blockd.intent import IntentLog
 from blockd.replication import Manager, Settings, Sink
-from conftest import free_port
+from conftest import free_port, run_in_threads
 from enginekit import Rig
 
 CHUNK = 64 * 1024
 
 
 class BitmapFullFiles(OsFiles):
-    """The real filesystem, except that once ``full`` is set a write to a resync bitmap fails ENOSPC."""
+    """The real filesystem, except that once ``full`` is set a write to a resync bitmap fails ENOSPC,
+    and once ``chunks_full`` is set, a write to a chunk file."""
 
     def __init__(self):
         self.full = False
+        self.chunks_full = False
         self._bitmaps = set()  # fds of resync bitmaps
+        self._chunks = set()  # fds of chunk files
 
     def open(self, path, create=False, size=None):
         fd = super().open(path, create, size)
+        self._bitmaps.discard(fd)
+        self._chunks.discard(fd)
         if os.sep + "resync" + os.sep in path:
             self._bitmaps.add(fd)
+        elif path.endswith(".chunk"):
+            self._chunks.add(fd)
         return fd
 
     def pwrite(self, fd, buf, offset):
-        if self.full and fd in self._bitmaps:
+        if (self.full and fd in self._bitmaps) or (self.chunks_full and fd in self._chunks):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return super().pwrite(fd, buf, offset)
 
@@ -51,8 +58,8 @@ def _wait_for(what, timeout=10.0):
         time.sleep(0.01)
 
 
-@pytest.fixture
-def pair(tmp_path):
+@pytest.fixture(params=[1])
+def pair(tmp_path, request):
     replica = Rig(tmp_path / "b")
     address = f"tcp://127.0.0.1:{free_port()}"
     settings = Settings(insecure=True, ack_timeout=0.5, write_timeout=2.0, heartbeat=30.0)
@@ -60,7 +67,7 @@ def pair(tmp_path):
     primary = PrimaryRig(tmp_path / "a")
     assert os.sep + "resync" + os.sep in primary.datadir.resync_path(1, "b")  # what BitmapFullFiles spots
     primary.engine.catalog.add_peer("b", address, None)
-    primary.engine.catalog.create_volume("v", 1 << 20, replicas=["b"], min_copies=1)
+    primary.engine.catalog.create_volume("v", 1 << 20, replicas=["b"], min_copies=request.param)
     managers = []
 
     def start_primary():
@@ -119,3 +126,43 @@ def test_a_miss_that_cannot_be_recorded_fails_the_volume_instead_of_being_acknow
     volume = start_primary()
     assert 3 in volume.replication.peers["b"].pending_chunks()
     assert 3 in volume.store.intent.chunks  # until the next flush, with the bitmap durable first
+
+
+@pytest.mark.parametrize("pair", [2], indirect=True)
+def test_a_write_that_fails_here_after_the_replica_applied_it_is_resynced_from_here(pair):
+    """ENOSPC on this node's data after the replica applied the write: the client gets the error, and
+    the replica, which holds what this copy never wrote, is resynced from this copy."""
+    primary, sink, start_primary = pair
+    volume = start_primary()
+    volume.write(np.full(4096, 1, np.uint8), 0)
+    volume.flush()
+    primary.files.chunks_full = True
+    with pytest.raises(NoSpace):
+        volume.write(np.full(8192, 7, np.uint8), 0)
+    primary.files.chunks_full = False
+    peer = volume.replication.peers["b"]
+    _wait_for(lambda: peer.state.counts and not peer.pending_chunks())  # out of sync, then resynced
+    out = bytearray(4096)
+    volume.read(memoryview(out), 0)
+    assert out == b"\x01" * 4096
+    assert volume.replication.verify() == {"b": []}
+
+
+@pytest.mark.parametrize("pair", [2], indirect=True)
+def test_overlapping_flushes_do_not_wait_for_each_other(pair):
+    """Many connections flushing at once: each flush waits for its peers' answers to what came before,
+    never for another flush's (which waits for the flush lock): none leaves its batch behind."""
+    primary, sink, start_primary = pair
+    volume = start_primary()
+    volume.write(np.full(4096, 1, np.uint8), 0)  # confirmed
+
+    def writer(n):
+        for i in range(15):
+            volume.write(np.full(4096, n * 16 + i, np.uint8), ((n * 15 + i) % 16) * CHUNK)
+            volume.flush()
+
+    assert run_in_threads(writer, [(n,) for n in range(4)]) == []
+    assert volume.store.deferred_flushes == 0
+    volume.flush()
+    assert volume.store.intent.chunks == set()
+    assert volume.replication.verify() == {"b": []}
