@@ -685,6 +685,9 @@ def cmd_volume_promote(args):
     else:
         for w in report["warnings"]:
             print(f"warning: forced although {w}")
+        if report.get("confirmed_only") and not report["forced"]:
+            print(f"{args.name}: primary here at epoch {report['epoch']}, already confirmed by a peer: nothing forced")
+            return
         if report.get("confirmed_only"):
             print(f"{args.name}: primary here at epoch {report['epoch']}, writable without a peer's confirmation; "
                   f"writes need {report['min_copies']} copies (`blockd volume set --min-copies 1` to continue alone)")
