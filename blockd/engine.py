@@ -362,8 +362,9 @@ class Engine:
             return report  # a peer confirmed it in this process: nothing to force
         # Marked before the open copy changes: a restart in between stays writable as promised.
         self.catalog.confirm_primary(row["id"])
-        if vr is not None:
-            vr.force_confirm()
+        if vr is not None and not vr.force_confirm():
+            self.catalog.clear_promoted(row["id"])  # a peer confirmed it meanwhile
+            return report
         report["forced"] = True
         report["warnings"].append(f"no peer confirmed epoch {row['epoch']}: if a replica was promoted meanwhile, "
                                   "this copy is fenced when they meet and the writes it takes until then are lost")

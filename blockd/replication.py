@@ -355,12 +355,14 @@ class _Direct:
 
 
 class Ticket:
-    __slots__ = ("chunks", "acked", "failed", "done", "_signal", "direct", "error", "seq", "abandoned")
+    __slots__ = ("chunks", "acked", "failed", "done", "_signal", "direct", "error", "seq", "abandoned",
+                 "applied")
 
     def __init__(self, chunks):
         self.chunks = chunks
         self.seq = None
         self.abandoned = None  # why this copy could not apply it: every peer's copy of it is resynced
+        self.applied = set()  # peers that acknowledged it, counted toward the quorum or not
         self.direct = None  # [_Direct]: answers this request thread collects itself
         self.acked = set()  # peers that acknowledged
         self.failed = {}  # peer -> its sync generation when it failed this request
@@ -598,11 +600,10 @@ class VolumeReplication:
                             ps.record(chunks)
                         except OSError as exc:
                             raise VolumeFailed(self._unrecorded(name, ps, chunks, exc)) from exc
-            # Outstanding until answered, or its miss recorded: settle() waits for these.  Not a
-            # flush's own: its answers are collected by that flush, which may be waiting for the
-            # flush lock another flush holds while it settles.
-            track = type_ != rp.FLUSH
-            if track:
+            # Outstanding until answered, or its miss recorded: settle() waits for these.  A FLUSH
+            # sent on a request thread's own socket is not: that flush collects its answers, and it
+            # may be waiting for the flush lock another flush holds while it settles.
+            if type_ != rp.FLUSH:
                 for _name, ps in targets:
                     ps.outstanding.add(seq)
         frames = None
@@ -611,15 +612,18 @@ class VolumeReplication:
             msg = rp.Message(type_, volume=self.repl_id, epoch=self.epoch, seq=seq, offset=offset,
                              length=length, flags=flags, sums=sums, data=data)
             for name, ps in targets:
-                at_risk = None
-                if type_ == rp.FLUSH:
-                    with self._cond:
-                        at_risk, ps.unflushed = ps.unflushed, set()  # what this flush makes durable there
-                callback = self._callback(ticket, name, ps, at_risk)
                 link = ps.link
                 # Direct only when no earlier write to this peer is still queued on the link: the link and
                 # the request threads' sockets are separate connections, with no order between them.
-                if ps.created and link.up and not ps.link_pending:
+                direct = ps.created and link.up and not ps.link_pending
+                at_risk = None
+                if type_ == rp.FLUSH:
+                    with self._cond:
+                        if not direct:
+                            ps.outstanding.add(seq)  # settled by the link thread: other flushes wait for it
+                        at_risk, ps.unflushed = ps.unflushed, set()  # what this flush makes durable there
+                callback = self._callback(ticket, name, ps, at_risk)
+                if direct:
                     # On this thread's own socket: no hand-off to the link thread and back.  Overlapping
                     # writes stay ordered because the caller holds the range lock until collect().
                     if frames is None:
@@ -628,7 +632,7 @@ class VolumeReplication:
                         sock = link.direct_socket()
                         sock.send_multipart(frames, copy=False)
                     except zmq.ZMQError:
-                        self._send_on_link(ps, msg, callback, track)
+                        self._send_on_link(ps, msg, callback)
                         sent += 1
                         continue
                     link.count_sent(len(data))
@@ -638,7 +642,7 @@ class VolumeReplication:
                     ticket.direct.append(_Direct(sock, seq, callback, now, now + self.settings.ack_timeout, link,
                                                  len(data), ps))
                 else:
-                    self._send_on_link(ps, msg, callback, track)
+                    self._send_on_link(ps, msg, callback)
                 sent += 1
         except BaseException:
             with self._cond:
@@ -652,11 +656,10 @@ class VolumeReplication:
             raise
         return ticket
 
-    def _send_on_link(self, ps, msg, callback, track=True):
+    def _send_on_link(self, ps, msg, callback):
         with self._cond:
             ps.link_pending += 1
-            if track:
-                ps.outstanding.add(msg.seq)
+            ps.outstanding.add(msg.seq)
 
         def answered(ok, reply):
             try:
@@ -664,9 +667,8 @@ class VolumeReplication:
             finally:
                 with self._cond:
                     ps.link_pending -= 1
-                    if track:
-                        ps.outstanding.discard(msg.seq)
-                        self._notify_settled()
+                    ps.outstanding.discard(msg.seq)
+                    self._notify_settled()
 
         ps.link.send(msg, answered)
 
@@ -676,9 +678,13 @@ class VolumeReplication:
         now, those that answer later when they do (an acknowledgement then counts as a miss)."""
         with self._cond:
             ticket.abandoned = reason
-            acked, ticket.acked = ticket.acked, set()
-        for name in acked:
-            self._missed(name, self.peers[name], ticket.chunks, reason, ticket=ticket)
+            applied, ticket.applied = ticket.applied, set()
+            ticket.acked = set()
+        for name in applied:
+            ps = self.peers[name]
+            self._missed(name, ps, ticket.chunks, reason, ticket=ticket, reset=False)
+            if ps.link.up:
+                self.start_resync(name)  # it answers: no reason to reset its link (shared by every volume)
 
     def collect(self, ticket):
         """Take the answers to what this thread sent on its own sockets, or give up on them at their
@@ -760,6 +766,7 @@ class VolumeReplication:
                 with self._cond:
                     abandoned = ticket.abandoned
                     if not abandoned:
+                        ticket.applied.add(name)
                         # Acknowledged but not yet flushed there: at risk if that machine loses power, so
                         # a later miss records these chunks, whether or not this answer counted.
                         ps.unflushed.update(ticket.chunks)
@@ -770,7 +777,11 @@ class VolumeReplication:
                 if not abandoned:
                     ticket.wake()  # only the request waiting on it: no stampede of every waiter
                     return
-                ok, reply = False, abandoned  # applied there, not here: resynced from this copy
+                # Applied there, not here: resynced from this copy.
+                self._missed(name, ps, ticket.chunks, abandoned, ticket=ticket, reset=False)
+                if ps.link.up:
+                    self.start_resync(name)
+                return
             chunks = set(ticket.chunks) | at_risk if at_risk else ticket.chunks
             code = None
             body = {}
@@ -1016,6 +1027,10 @@ class VolumeReplication:
                     if ahead > 0:
                         time.sleep(ahead)
             with self._cond:
+                if not ps.pending_count() and ps.state.state == rp.OUT_OF_SYNC and ps.link.up:
+                    # It missed something during this pass (recorded, then resynced by it): nothing is
+                    # left, so it holds everything; writes were recorded, not sent, meanwhile.
+                    ps.state.on("reconnected")
                 if not ps.pending_count() and ps.state.state == rp.RESYNCING:
                     ps.state.on("resynced")
                     ps.generation += 1
@@ -1209,6 +1224,9 @@ class Manager:
             with self._lock:
                 self._volumes.pop(volume.volume_id, None)
             volume.replication = None
+            vr.close(wait=False)
+            for ps in vr.peers.values():
+                ps.bitmap.close()
             raise
         return vr
 

@@ -405,15 +405,16 @@ class Volume:
         ticket = None
         held = self._locks.acquire(start, end, True)
         try:
+            edges = self._zero_edges(offset, length, first, last)
             if repl is None:
-                touched = self._zero_range(offset, length, first, last)
+                touched = self._zero_range(first, last, edges)
             else:
                 touched = self._chunks(start, end)
                 repl.wait_writable()
                 with self.store.writing(touched):  # in the intent log before any peer sees it
                     ticket = repl.send_range("zero", offset, length, fua)
                     try:
-                        self._zero_range(offset, length, first, last, marked=True)
+                        self._zero_range(first, last, edges, marked=True)
                     except BaseException as exc:
                         repl.abandon(ticket, f"the zero failed on this node: {exc}")
                         raise
@@ -428,19 +429,24 @@ class Volume:
         if ticket is not None:
             repl.wait(ticket)
 
-    def _zero_range(self, offset, length, first, last, marked=False):
-        touched = []
-        if last > first:
-            touched += self._punch_blocks(first, last, marked)
-            edges = [(offset, first - offset), (last, offset + length - last)]
-        else:
-            edges = [(offset, length)]
+    def _zero_edges(self, offset, length, first, last):
+        """The partial blocks at the ends of a zeroed range, merged with what they hold (read and
+        verified first: a checksum error fails the request before anything is sent or changed)."""
+        edges = [(offset, first - offset), (last, offset + length - last)] if last > first else [(offset, length)]
+        out = []
         for edge_offset, edge_length in edges:
             if edge_length <= 0:
                 continue
             s = edge_offset & _MASK
             e = (edge_offset + edge_length + BLOCK_SIZE - 1) & _MASK
-            data = self._merge_edges(bytes(edge_length), edge_offset, s, e)
+            out.append((s, self._merge_edges(bytes(edge_length), edge_offset, s, e)))
+        return out
+
+    def _zero_range(self, first, last, edges, marked=False):
+        touched = []
+        if last > first:
+            touched += self._punch_blocks(first, last, marked)
+        for s, data in edges:
             touched += self._write_blocks(data, s, marked=marked)
         return touched
 
@@ -605,10 +611,31 @@ class Volume:
     def close(self):
         repl = self.replication
         try:
-            if not self.store.failed and not self.readonly:
-                # Requests still on a link (a peer that had not answered when the last connection
-                # closed) settle first: their misses must be recorded before the intent log is cleared.
-                self.store.flush(None if repl is None else lambda: repl.settle(repl.last_seq()))
+            if self.store.failed or self.readonly:
+                pass
+            elif repl is None:
+                self.store.flush()
+            else:
+                # The peers flush too (what they acknowledged but never flushed is otherwise at risk,
+                # and the record of it, PeerState.unflushed, goes with this open); requests still on a
+                # link settle first: their misses must be recorded before the intent log is cleared.
+                # Best effort on the peers' side: no quorum is awaited (nothing is acknowledged here).
+                ticket = None
+                try:
+                    ticket = repl.send_flush()
+                except BlockdError:
+                    pass  # fenced: nothing more to tell the peers
+
+                def settled():
+                    if ticket is not None:
+                        repl.collect(ticket)
+                    return repl.settle(repl.last_seq())
+
+                try:
+                    self.store.flush(settled)
+                finally:
+                    if ticket is not None:
+                        repl.collect(ticket)
         finally:
             self.store.close()
 

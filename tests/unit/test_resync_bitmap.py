@@ -4,13 +4,14 @@ real SQLite catalog, joined by a real ZeroMQ link (plaintext, loopback); the onl
 from writes to the resync bitmaps, since this sandbox has no small filesystem to fill."""
 
 import errno
+import glob
 import os
 import time
 
 import numpy as np
 import pytest
 
-from blockd.errors import NoSpace, VolumeFailed
+from blockd.errors import ChecksumError, NoSpace, VolumeFailed
 from blockd.fileio import OsFiles
 from blockd.intent import IntentLog
 from blockd.replication import Manager, Settings, Sink
@@ -136,16 +137,38 @@ def test_a_write_that_fails_here_after_the_replica_applied_it_is_resynced_from_h
     volume = start_primary()
     volume.write(np.full(4096, 1, np.uint8), 0)
     volume.flush()
+    peer = volume.replication.peers["b"]
+    failures = peer.link.failures
     primary.files.chunks_full = True
     with pytest.raises(NoSpace):
         volume.write(np.full(8192, 7, np.uint8), 0)
     primary.files.chunks_full = False
-    peer = volume.replication.peers["b"]
     _wait_for(lambda: peer.state.counts and not peer.pending_chunks())  # out of sync, then resynced
     out = bytearray(4096)
     volume.read(memoryview(out), 0)
     assert out == b"\x01" * 4096
     assert volume.replication.verify() == {"b": []}
+    assert peer.link.failures == failures  # resynced over the link it has: not reset (other volumes use it)
+
+
+@pytest.mark.parametrize("pair", [2], indirect=True)
+def test_a_zero_whose_edge_block_is_corrupt_here_fails_before_anything_is_sent(pair):
+    primary, sink, start_primary = pair
+    volume = start_primary()
+    volume.write(np.full(4096, 5, np.uint8), 0)
+    volume.flush()
+    (chunk,) = glob.glob(os.path.join(primary.datadir.volume_path(volume.volume_id), "*.chunk"))
+    fd = os.open(chunk, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\x06", 100)  # a flipped byte in the block the zero's edge reads
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    peer = volume.replication.peers["b"]
+    sent = peer.link.sent
+    with pytest.raises(ChecksumError):
+        volume.zero(1000, 100)  # a partial block: read, merged, rewritten
+    assert peer.link.sent == sent and peer.state.counts  # the replica was not touched
 
 
 @pytest.mark.parametrize("pair", [2], indirect=True)
