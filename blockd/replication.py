@@ -560,6 +560,8 @@ class VolumeReplication:
     # -- sending -----------------------------------------------------------------------
     def wait_writable(self):
         """Until a peer confirmed this copy's epoch (ReadOnly after --write-timeout); at once after."""
+        if self.confirmed:  # only ever becomes True: no lock needed to see it
+            return
         with self._cond:
             self._wait_confirmed()
 
@@ -726,10 +728,12 @@ class VolumeReplication:
             d.link.reset(reason)
 
     def _settled(self, ps, seq):
-        """Its answer (or the record of its miss) is in: a flush waiting in settle() may go on."""
-        with self._cond:
-            ps.outstanding.discard(seq)
-            self._notify_settled()
+        """Its answer (or the record of its miss) is in: a flush waiting in settle() may go on.  No lock
+        on the common path: set.discard is atomic, and settle() reads copies under the condition."""
+        ps.outstanding.discard(seq)
+        if self._settling:  # read after the discard: a settle() that missed it is notified here
+            with self._cond:
+                self._cond.notify_all()
 
     def _notify_settled(self):
         """Called with the condition held."""
@@ -913,7 +917,7 @@ class VolumeReplication:
         with self._cond:
             self._settling += 1
             try:
-                while any(s <= seq for ps in self.peers.values() for s in ps.outstanding):
+                while any(s <= seq for ps in self.peers.values() for s in list(ps.outstanding)):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return False
