@@ -213,34 +213,48 @@ class Volume:
             qos.admit(offset, length)
         start = offset & _MASK
         end = (offset + length + BLOCK_SIZE - 1) & _MASK
+
+        def prepare(replicated):
+            if start == offset and end == offset + length:
+                data, sums = np.frombuffer(buf, dtype=np.uint8), hashed
+            else:
+                data, sums = self._merge_edges(buf, offset, start, end), None
+            if replicated:
+                sums = block_hashes(data)  # once: for the replicas' checksum frame and for our own store
+            return data, sums
+
+        self._apply("write", start, end, fua, prepare,
+                    lambda repl, st: repl.send_write(start, st[0], fua, st[1][0]),
+                    lambda st, marked: self._write_blocks(st[0], start, st[1], marked=marked))
+
+    def _apply(self, what, start, end, fua, prepare, send, local):
+        """One write, trim or zero: under the range lock [start, end), ``prepare`` (reads
+        and checks whatever can fail before anything changes), then ``local`` (this copy's change,
+        returning the chunks it touched).  Replicated: the chunks of the range go into the
+        intent log first, then ``send`` (sent under the range lock: overlapping requests reach
+        every copy in the order applied here), then ``local``; if ``local`` fails, every peer that
+        applied it is resynced from this copy (abandon).  Then FUA, then the write quorum."""
         repl = self.replication
         ticket = None
         held = self._locks.acquire(start, end, True)
         try:
-            if start == offset and end == offset + length:
-                data = np.frombuffer(buf, dtype=np.uint8)
-            else:
-                data = self._merge_edges(buf, offset, start, end)
-                hashed = None
+            state = prepare(repl is not None)
             if repl is None:
-                touched = self._write_blocks(data, start, hashed)
+                touched = local(state, False)
             else:
-                hashed = block_hashes(data)  # once: for the replicas' checksum frame and for our own store
                 touched = self._chunks(start, end)
-                # In the intent log before any peer sees it; sent under the range lock: overlapping
-                # writes reach every copy in the order applied here.
                 repl.wait_writable()  # not inside writing(): a flush's snapshot would wait on it
                 with self.store.writing(touched):
-                    ticket = repl.send_write(start, data, fua, hashed[0])
+                    ticket = send(repl, state)
                     try:
-                        self._write_blocks(data, start, hashed, marked=True)
+                        local(state, True)
                     except BaseException as exc:
-                        repl.abandon(ticket, f"the write failed on this node: {exc}")
+                        repl.abandon(ticket, f"the {what} failed on this node: {exc}")
                         raise
         finally:
             try:
                 if ticket is not None:
-                    repl.collect(ticket)  # the replicas' answers, before an overlapping write may be sent
+                    repl.collect(ticket)  # the replicas' answers, before an overlapping request may be sent
             finally:
                 self._locks.release(held)
         if fua:
@@ -364,32 +378,9 @@ class Volume:
         last = (offset + length) & _MASK
         if last <= first:
             return
-        repl = self.replication
-        ticket = None
-        held = self._locks.acquire(first, last, True)
-        try:
-            if repl is None:
-                touched = self._punch_blocks(first, last)
-            else:
-                touched = self._chunks(first, last)
-                repl.wait_writable()
-                with self.store.writing(touched):  # in the intent log before any peer sees it
-                    ticket = repl.send_range("trim", offset, length, fua)
-                    try:
-                        self._punch_blocks(first, last, marked=True)
-                    except BaseException as exc:
-                        repl.abandon(ticket, f"the trim failed on this node: {exc}")
-                        raise
-        finally:
-            try:
-                if ticket is not None:
-                    repl.collect(ticket)
-            finally:
-                self._locks.release(held)
-        if fua:
-            self.store.sync_chunks(touched)
-        if ticket is not None:
-            repl.wait(ticket)
+        self._apply("trim", first, last, fua, lambda replicated: None,
+                    lambda repl, st: repl.send_range("trim", offset, length, fua),
+                    lambda st, marked: self._punch_blocks(first, last, marked))
 
     def zero(self, offset, length, fua=False):
         """Make the range read as zeros: whole blocks are punched, edges rewritten."""
@@ -401,33 +392,10 @@ class Volume:
         end = (offset + length + BLOCK_SIZE - 1) & _MASK
         first = (offset + BLOCK_SIZE - 1) & _MASK
         last = (offset + length) & _MASK
-        repl = self.replication
-        ticket = None
-        held = self._locks.acquire(start, end, True)
-        try:
-            edges = self._zero_edges(offset, length, first, last)
-            if repl is None:
-                touched = self._zero_range(first, last, edges)
-            else:
-                touched = self._chunks(start, end)
-                repl.wait_writable()
-                with self.store.writing(touched):  # in the intent log before any peer sees it
-                    ticket = repl.send_range("zero", offset, length, fua)
-                    try:
-                        self._zero_range(first, last, edges, marked=True)
-                    except BaseException as exc:
-                        repl.abandon(ticket, f"the zero failed on this node: {exc}")
-                        raise
-        finally:
-            try:
-                if ticket is not None:
-                    repl.collect(ticket)
-            finally:
-                self._locks.release(held)
-        if fua:
-            self.store.sync_chunks(touched)
-        if ticket is not None:
-            repl.wait(ticket)
+        self._apply("zero", start, end, fua,
+                    lambda replicated: self._zero_edges(offset, length, first, last),
+                    lambda repl, st: repl.send_range("zero", offset, length, fua),
+                    lambda edges, marked: self._zero_range(first, last, edges, marked))
 
     def _zero_edges(self, offset, length, first, last):
         """The partial blocks at the ends of a zeroed range, merged with what they hold (read and
