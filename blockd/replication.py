@@ -387,7 +387,7 @@ class Ticket:
 class PeerState:
     __slots__ = ("link", "peer_id", "state", "bitmap", "generation", "resync_thread", "resync_total",
                  "resync_done", "resynced_bytes", "skipped_chunks", "seeded", "unflushed", "_bitmap_lock",
-                 "created", "link_pending", "outstanding", "unrecorded")
+                 "created", "session_created", "link_pending", "outstanding", "unrecorded")
 
     def __init__(self, link, peer_id, state, bitmap, seeded):
         self.link = link
@@ -405,6 +405,7 @@ class PeerState:
         self._bitmap_lock = threading.Lock()
         # It answered this open's CREATE: writes may then bypass the link (nothing must overtake CREATE).
         self.created = False
+        self.session_created = False  # it answered CREATE since the link last went down
         self.link_pending = 0  # writes queued on the link and not yet answered: later ones follow them there
         self.outstanding = set()  # seqs sent to it (link or direct) until answered or their miss recorded
         self.unrecorded = set()  # missed chunks the bitmap could not take (disk full): retried, resynced
@@ -520,6 +521,7 @@ class VolumeReplication:
                 self.confirmed = True  # a copy at our epoch or older answered: we are the current primary
                 self.manager.confirmed_epochs[self.volume.volume_id] = self.epoch
                 ps.created = True
+                ps.session_created = True
                 self._wake_all()
             if self._promoted:
                 self._promoted = False
@@ -594,14 +596,17 @@ class VolumeReplication:
                     targets.append((name, ps))
                 else:
                     ticket.failed[name] = ps.generation
-                    if chunks and ps.state.state == rp.OUT_OF_SYNC:
+                    missing = set(chunks) | ps.unflushed if ps.state.state == rp.OUT_OF_SYNC else None
+                    if missing:
                         # It misses this request: record the chunks for its resync, durably, before the
-                        # request can be acknowledged (a sync only when a chunk is new to the set).  Under
-                        # the condition, so a resync cannot declare it in sync in between.
+                        # request can be acknowledged (a sync only when a chunk is new to the set), with
+                        # any it acknowledged but never flushed.  Under the condition, so a resync
+                        # cannot declare it in sync in between.
                         try:
-                            ps.record(chunks)
+                            ps.record(missing)
                         except OSError as exc:
-                            raise VolumeFailed(self._unrecorded(name, ps, chunks, exc)) from exc
+                            raise VolumeFailed(self._unrecorded(name, ps, missing, exc)) from exc
+                        ps.unflushed = set()
             # Outstanding until answered, or its miss recorded: settle() waits for these.  A FLUSH
             # sent on a request thread's own socket is not: that flush collects its answers, and it
             # may be waiting for the flush lock another flush holds while it settles.
@@ -958,7 +963,10 @@ class VolumeReplication:
     # -- resync ---------------------------------------------------------------------------
     def peer_down(self, link):
         for name, ps in self.peers.items():
-            if ps.link is link and ps.state.state in (rp.IN_SYNC, rp.RESYNCING):
+            if ps.link is not link:
+                continue
+            ps.session_created = False  # a new link session: its CREATE must be answered again
+            if ps.state.state in (rp.IN_SYNC, rp.RESYNCING) or ps.unflushed:
                 self._missed(name, ps, set(), "peer unreachable", reset=False)
 
     def peer_up(self, link):
@@ -1008,10 +1016,7 @@ class VolumeReplication:
         try:
             log(f"{volume.name}: resyncing {len(chunks)} chunk(s) to {name}")
             while True:
-                chunks = ps.pending_chunks()
-                if not chunks:
-                    break
-                for c in chunks:
+                for c in ps.pending_chunks():
                     if self.closed:
                         raise _ResyncAborted()  # the volume closed: the next open resumes from the bitmap
                     try:
@@ -1030,26 +1035,32 @@ class VolumeReplication:
                     ahead = sent_bytes / (self.settings.resync_mibps * 1024 * 1024) - (time.monotonic() - started)
                     if ahead > 0:
                         time.sleep(ahead)
-            with self._cond:
-                if not ps.pending_count() and ps.state.state == rp.OUT_OF_SYNC and ps.link.up:
-                    # It missed something during this pass (recorded, then resynced by it): nothing is
-                    # left, so it holds everything; writes were recorded, not sent, meanwhile.
-                    ps.state.on("reconnected")
-                if not ps.pending_count() and ps.state.state == rp.RESYNCING:
-                    ps.state.on("resynced")
-                    ps.generation += 1
-                    self._wake_all()
-                    log(f"{volume.name}: peer {name} in sync ({ps.resync_done} chunk(s), "
-                        f"{ps.skipped_chunks} already equal)")
+                with self._cond:
+                    if ps.pending_count():
+                        continue  # missed something after the last look: another pass
+                    if ps.state.state == rp.OUT_OF_SYNC and ps.link.up and ps.session_created:
+                        # It missed something during this pass (recorded, then resynced by it), and
+                        # answered this link session's CREATE: nothing is left, so it holds
+                        # everything (writes were recorded, not sent, while it was out of sync).
+                        ps.state.on("reconnected")
+                    if ps.state.state == rp.RESYNCING:
+                        ps.state.on("resynced")
+                        ps.generation += 1
+                        self._wake_all()
+                        log(f"{volume.name}: peer {name} in sync ({ps.resync_done} chunk(s), "
+                            f"{ps.skipped_chunks} already equal)")
+                    ps.resync_thread = None  # under the condition: start_resync() sees it gone
+                    break
             if ps.state.counts:
                 self._create_one(name, ps, self._info())  # it may now be promoted safely
         except _ResyncAborted:
+            # Through _missed: what it acknowledged but never flushed goes into its bitmap too.
+            self._missed(name, ps, set(), "resync stopped", reset=False)
             with self._cond:
-                if ps.state.state == rp.RESYNCING:
-                    ps.state.on("missed")
                 self._wake_all()
         finally:
-            ps.resync_thread = None
+            with self._cond:
+                ps.resync_thread = None
 
     def _resync_chunk(self, name, ps, c):
         volume = self.volume

@@ -189,3 +189,23 @@ def test_overlapping_flushes_do_not_wait_for_each_other(pair):
     volume.flush()
     assert volume.store.intent.chunks == set()
     assert volume.replication.verify() == {"b": []}
+
+
+@pytest.mark.parametrize("pair", [2], indirect=True)
+def test_what_an_out_of_sync_peer_acknowledged_but_never_flushed_is_recorded_at_the_next_request(pair):
+    """A peer can be out of sync while this open still remembers chunks it acknowledged and never
+    flushed (its resync stopped, say): the next request, a flush included, records them for it before
+    the flush can make the intent log forget them."""
+    primary, sink, start_primary = pair
+    volume = start_primary()
+    volume.write(np.full(4096, 1, np.uint8), 0)
+    volume.flush()
+    peer = volume.replication.peers["b"]
+    volume.write(np.full(4096, 2, np.uint8), 6 * CHUNK)  # acknowledged there, not flushed
+    assert peer.unflushed == {6}
+    with volume.replication._cond:
+        peer.state.on("missed")  # out of sync with nothing recorded: what a stopped resync left
+    with pytest.raises(VolumeFailed, match="copies"):  # 1 of the 2 it needs, after --write-timeout
+        volume.flush()  # (nothing starts a resync meanwhile: the bitmap below is what the flush left)
+    assert 6 in IntentLog(OsFiles(), primary.datadir.resync_path(volume.volume_id, "b")).load()
+    assert not peer.unflushed
