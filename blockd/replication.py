@@ -511,6 +511,7 @@ class VolumeReplication:
                         self.manager.fence(self, body.get("epoch"), name)
                         return
                     reason = body.get("error", "refused")
+                ps.session_created = False
                 self._missed(name, ps, set(), reason or "no answer to CREATE", reset=False)
                 return
             try:
@@ -1021,7 +1022,7 @@ class VolumeReplication:
                         raise _ResyncAborted()  # the volume closed: the next open resumes from the bitmap
                     try:
                         ok = self._resync_chunk(name, ps, c)
-                    except BlockdError as exc:
+                    except (BlockdError, OSError) as exc:
                         # e.g. a local checksum error: this copy cannot vouch for the chunk.  It stays
                         # in the bitmap and the peer out of sync (scrub --repair, then a new resync).
                         log(f"{volume.name}: resync to {name} stopped at chunk {c}: {exc}")
@@ -1037,7 +1038,12 @@ class VolumeReplication:
                         time.sleep(ahead)
                 with self._cond:
                     if ps.pending_count():
-                        continue  # missed something after the last look: another pass
+                        # Missed something after the last look: another pass.  Resyncing again (if it
+                        # answered this session's CREATE), so new writes reach it meanwhile instead of
+                        # piling up in its bitmap.
+                        if ps.state.state == rp.OUT_OF_SYNC and ps.link.up and ps.session_created:
+                            ps.state.on("reconnected")
+                        continue
                     if ps.state.state == rp.OUT_OF_SYNC and ps.link.up and ps.session_created:
                         # It missed something during this pass (recorded, then resynced by it), and
                         # answered this link session's CREATE: nothing is left, so it holds
@@ -1049,7 +1055,8 @@ class VolumeReplication:
                         self._wake_all()
                         log(f"{volume.name}: peer {name} in sync ({ps.resync_done} chunk(s), "
                             f"{ps.skipped_chunks} already equal)")
-                    ps.resync_thread = None  # under the condition: start_resync() sees it gone
+                    if ps.resync_thread is threading.current_thread():
+                        ps.resync_thread = None  # under the condition: start_resync() sees it gone
                     break
             if ps.state.counts:
                 self._create_one(name, ps, self._info())  # it may now be promoted safely
@@ -1060,7 +1067,8 @@ class VolumeReplication:
                 self._wake_all()
         finally:
             with self._cond:
-                ps.resync_thread = None
+                if ps.resync_thread is threading.current_thread():  # not a newer one started meanwhile
+                    ps.resync_thread = None
 
     def _resync_chunk(self, name, ps, c):
         volume = self.volume
