@@ -230,7 +230,26 @@ class PeerLink:
                 self.on_down(self)  # idle volumes learn it too: heartbeats detect a dead peer
 
     def _run(self):
+        """The link thread.  Nothing may end it but stop(): every volume on this peer waits for its
+        callbacks.  An unexpected error (a bug) fails what is pending, with one log line (their
+        callbacks record the misses), and the link reconnects."""
+        while not self._stop:
+            try:
+                self._loop()
+            except Exception as exc:
+                log(f"peer {self.name}: link error: {type(exc).__name__}: {exc}; reconnecting")
+                try:
+                    self._fail_all(f"link error: {exc}")
+                except Exception as again:
+                    log(f"peer {self.name}: failing its requests: {type(again).__name__}: {again}")
+                    self._sock = None
+                time.sleep(RECONNECT_DELAY)
+
+    def _loop(self):
         poller = zmq.Poller()
+        if self._sock is not None:
+            poller.register(self._sock, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
         while not self._stop:
             with self._queue_lock:
                 reset, self._reset = self._reset, None

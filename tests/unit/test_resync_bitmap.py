@@ -1,7 +1,10 @@
-"""A primary whose disk cannot take a peer's resync bitmap any more (full, failing): nothing may be
-acknowledged as if the miss were on record.  Two engines in one process, each on its own data dir and
-real SQLite catalog, joined by a real ZeroMQ link (plaintext, loopback); the only fake part is ENOSPC
-from writes to the resync bitmaps, since this sandbox has no small filesystem to fill."""
+"""Replication's failure paths on the primary: a disk that cannot take a peer's resync bitmap (full,
+failing), a local write failing after the replica applied it, a corrupt edge block, overlapping
+flushes, what an out-of-sync peer never flushed, an error in the link thread.  Nothing may be
+acknowledged as if a miss were on record, and the copies must converge.  Two engines in one process,
+each on its own data dir and real SQLite catalog, joined by a real ZeroMQ link and sink (plaintext,
+loopback); the only fake parts are ENOSPC from chosen files (this sandbox has no small filesystem to
+fill) and, in one test, an exception injected into the link thread."""
 
 import errno
 import glob
@@ -209,3 +212,26 @@ def test_what_an_out_of_sync_peer_acknowledged_but_never_flushed_is_recorded_at_
         volume.flush()  # (nothing starts a resync meanwhile: the bitmap below is what the flush left)
     assert 6 in IntentLog(OsFiles(), primary.datadir.resync_path(volume.volume_id, "b")).load()
     assert not peer.unflushed
+
+
+@pytest.mark.parametrize("pair", [2], indirect=True)
+def test_an_error_in_the_link_thread_fails_its_requests_and_the_link_reconnects(pair):
+    """A bug in the link thread must not end it: every volume on that peer waits for its callbacks."""
+    primary, sink, start_primary = pair
+    volume = start_primary()
+    volume.write(np.full(4096, 1, np.uint8), 0)
+    link = volume.replication.peers["b"].link
+    real, raised = link.next_seq, []
+
+    def broken():
+        if not raised:
+            raised.append(1)
+            raise RuntimeError("injected")
+        return real()
+
+    link.next_seq = broken  # the next heartbeat probe raises, on the link thread
+    link.reset("test: reconnect")  # (a request thread's reset: the link thread fails and reconnects)
+    _wait_for(lambda: raised and link.up)
+    volume.write(np.full(4096, 2, np.uint8), CHUNK)  # min-copies 2: the replica answers again
+    volume.flush()
+    assert volume.replication.verify() == {"b": []}
