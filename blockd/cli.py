@@ -14,6 +14,7 @@ socket, or, with no server, run offline under the data-dir lock.
 import argparse
 import json
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -26,6 +27,11 @@ from .sizes import check_name, format_size, parse_size, parse_volume_size
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # No abbreviations: a script's `--forc` must not mean --force, nor break when a flag is added.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         raise BadInput(message)
 
@@ -404,7 +410,7 @@ def cmd_volume_show(args):
                 catalog.close()
             info["replication"] = {
                 "repl_id": row["repl_id"], "epoch": row["epoch"], "min_copies": row["min_copies"], "role": row["role"],
-                "fenced": False, "peers": {p["name"]: {"state": "unknown (no server)", "address": p["address"]}
+                "fenced": False, "peers": {p["name"]: datadir.closed_peer_status(row["id"], p, "no server")
                                            for p in peers},
             }
             if row["role"] == "replica":
@@ -690,7 +696,8 @@ def cmd_volume_promote(args):
             return
         if report.get("confirmed_only"):
             print(f"{args.name}: primary here at epoch {report['epoch']}, writable without a peer's confirmation; "
-                  f"writes need {report['min_copies']} copies (`blockd volume set --min-copies 1` to continue alone)")
+                  f"writes need {report['min_copies']} cop{'y' if report['min_copies'] == 1 else 'ies'}"
+                  + (" (`blockd volume set --min-copies 1` to continue alone)" if report['min_copies'] > 1 else ""))
             return
         print(f"{args.name}: primary here at epoch {report['epoch']}; replicas {', '.join(report['replicas']) or 'none'} "
               f"will be compared and resynced; writes need {report['min_copies']} copies "
@@ -1043,6 +1050,10 @@ def cmd_status(args):
     datadir = _datadir(args)
     pid = None
     url = args.metrics_url
+    if not 0 < args.interval <= 60:
+        raise BadInput(f"invalid --interval {args.interval}: more than 0, at most 60 seconds")
+    if url is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+        raise BadInput(f"invalid --metrics-url {url!r}: expected http://HOST:PORT/metrics")
     if url is None:
         try:
             sock = control.connect(datadir.path)
@@ -1061,8 +1072,6 @@ def cmd_status(args):
         if ":" in host:
             host = f"[{host}]"
         url = f"http://{host}:{port}/metrics"
-    if not 0 <= args.interval <= 60:
-        raise BadInput(f"invalid --interval {args.interval}: 0-60 seconds")
     st = status.collect(url, args.interval, pid)
     if args.json:
         _print(st)

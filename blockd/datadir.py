@@ -88,6 +88,21 @@ class DataDir:
         """The durable set of chunks peer ``peer`` missed for a volume (see replication)."""
         return os.path.join(self.resync_dir, f"{volume_id}.{peer}.log")
 
+    def closed_peer_status(self, volume_id, peer, why):
+        """A peer's replication status while its volume is not open here: what its durable resync
+        bitmap says (``why``: why nothing better is known)."""
+        from .fileio import OsFiles
+        from .intent import IntentLog
+
+        try:
+            left = len(IntentLog(OsFiles(), self.resync_path(volume_id, peer["name"])).load())
+        except OSError:
+            left = None
+        out = {"state": "out_of_sync" if left else f"unknown ({why})", "address": peer["address"]}
+        if left is not None:
+            out["resync_remaining_chunks"] = left
+        return out
+
     # ---- locks -------------------------------------------------------------
     def lock(self):
         """Take the data-dir lock (non-blocking) and return its fd; refuse if held."""

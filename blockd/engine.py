@@ -240,7 +240,8 @@ class Engine:
         else:
             peers = self.catalog.volume_replicas(row["id"]) if row["repl_id"] is not None else []
             out = {"repl_id": row["repl_id"], "epoch": row["epoch"], "min_copies": row["min_copies"], "fenced": False,
-                   "peers": {p["name"]: {"state": "unknown (volume not open)", "address": p["address"]} for p in peers}}
+                   "peers": {p["name"]: self.datadir.closed_peer_status(row["id"], p, "volume not open")
+                             for p in peers}}
         out["role"] = row["role"]
         return out
 

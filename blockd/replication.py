@@ -1180,9 +1180,25 @@ class VolumeReplication:
                 },
             }
 
+    def _wait_resyncs(self):
+        """Before verify compares: a peer that answers and has chunks to resync gets them first (the
+        CREATE answered, the resync run), so a resync about to run is not reported as differences.
+        Waits as long as a resync runs; a peer still out of sync with none running after the grace
+        period (a few ack deadlines: time to reconnect and answer) is compared as it is."""
+        grace = time.monotonic() + 3 * self.settings.ack_timeout + 1.0
+        while True:
+            with self._cond:
+                running = any(ps.resync_thread is not None for ps in self.peers.values())
+                waiting = any(ps.state.state == rp.OUT_OF_SYNC for ps in self.peers.values())
+            if running or (waiting and time.monotonic() < grace):
+                time.sleep(0.05)
+                continue
+            return
+
     def verify(self):
         """Compare every block's checksum with every peer's; returns {peer: [differing offsets]}."""
         volume = self.volume
+        self._wait_resyncs()
         ticket = self.send_flush()
         self.wait(ticket)
         out = {}

@@ -178,14 +178,15 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise BlockdError("nbdkit not found: run `make setup` (installs nbdkit and nbdkit-plugin-python)")
-    datadir.init()
-    lock_fd = datadir.lock()
+    # Ports first: a refused serve leaves nothing behind (not even a new data dir).
     if metrics is not None:
         check_port_free(*metrics, "metrics")
     if "replication_listen" in replication:
         host, _, port = replication["replication_listen"][6:].rpartition(":")
         host = host.strip("[]")
         check_port_free("0.0.0.0" if host == "*" else host, int(port), "replication")
+    datadir.init()
+    lock_fd = datadir.lock()
     catalog = datadir.catalog()
     try:
         count = catalog.count_volumes()

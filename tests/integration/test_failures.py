@@ -333,8 +333,30 @@ def test_bad_input_is_exit_2_with_one_line_and_changes_nothing(cli, data_dir):
     one_error_line(cli("serve", "--listen", "127.0.0.1:notaport", timeout=20), 2)
     one_error_line(cli("serve", "--listen", "unix:/tmp/bd-never.sock", "--threads", "0", timeout=20), 2)
     one_error_line(cli("serve", "--listen", "unix:/tmp/bd-never.sock", "--cpu-policy", "fifo", timeout=20), 2)
+    # No abbreviated flags: `--forc` is not --force.
+    one_error_line(cli("volume", "delete", "keep", "--forc"), 2, "--forc")
+    one_error_line(cli("status", "--metrics-url", "bogus"), 2, "--metrics-url")
+    one_error_line(cli("status", "--interval", "0"), 2, "--interval")
     assert volume_list(data_dir) == before
     assert sorted(os.listdir(os.path.join(data_dir, "volumes"))) == []
+
+
+def test_serve_refused_for_a_busy_port_leaves_no_data_dir_behind(tmp_path):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = busy.getsockname()[1]
+        fresh = tmp_path / "never"
+        for flag, value in (("--metrics", f"127.0.0.1:{port}"), ("--replication-listen", f"tcp://127.0.0.1:{port}")):
+            proc = run_cli("serve", "--listen", f"unix:{tmp_path}/s.sock", flag, value, "--insecure-replication",
+                           data_dir=fresh, timeout=20)
+            one_error_line(proc, 1, str(port))
+            assert not fresh.exists()
+    finally:
+        busy.close()
 
 
 def test_sizes_and_names_that_are_valid(cli, data_dir):
