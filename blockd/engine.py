@@ -25,13 +25,14 @@ FULL_COMPARE_LIMIT = 256 << 30  # after a promotion, compare every chunk of volu
 
 
 class _Open:
-    __slots__ = ("volume", "refs", "lock_fd", "remove_files")
+    __slots__ = ("volume", "refs", "lock_fd", "remove_files", "replica")
 
-    def __init__(self, volume, lock_fd):
+    def __init__(self, volume, lock_fd, replica=False):
         self.volume = volume
         self.refs = 0
         self.lock_fd = lock_fd
         self.remove_files = True  # when retired: deleted (files go) or fenced (files stay, now a replica)
+        self.replica = replica  # a replica copy, opened by the replication sink: never an NBD connection
 
 
 class Engine:
@@ -108,7 +109,7 @@ class Engine:
                 except BaseException:
                     store.close()  # no flush: recovered chunks stay in the intent log for the next open
                     raise
-            return _Open(volume, lock_fd)
+            return _Open(volume, lock_fd, replica=again["role"] == "replica")
         except BaseException:
             os.close(lock_fd)
             raise
@@ -184,7 +185,7 @@ class Engine:
         out = {
             "limits": voltypes.limits(*voltypes.effective(row, wall)),
             "modification": voltypes.modification(row, wall),
-            "attached": entry is not None,
+            "attached": entry is not None and not entry.replica,
         }
         adm = entry.volume.qos if entry is not None else None
         if adm is None:
@@ -406,12 +407,12 @@ class Engine:
         row = self.catalog.volume(name)
         with self._lock:
             entry = self._open.get(row["id"])
-            return entry.refs if entry is not None else 0
+            return entry.refs if entry is not None and not entry.replica else 0
 
     def attached(self):
         """{name: connections} for every attached volume."""
         with self._lock:
-            return {e.volume.name: e.refs for e in self._open.values()}
+            return {e.volume.name: e.refs for e in self._open.values() if not e.replica}
 
     def resize(self, name, size):
         """Grow in the catalog and in memory: new connections see the new size at once."""

@@ -733,6 +733,8 @@ def test_a_lost_replica_leaves_its_primary_writable_across_reopens_and_promote_f
     a, b = cluster(2)
     a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", "--min-copies", "1", check=True)
     start_in_sync(a, [b], "v", 1, 4096).shutdown()  # the last connection closes: the volume closes
+    shown = js(b.cli("volume", "show", "v", "--json", check=True))  # the sink holds it open: no NBD client
+    assert shown["attached"] is False and shown["connections"] == 0
     refused = b.cli("volume", "delete", "v")  # the replica's node: not without --force
     assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1 and "--force" in refused.stderr
     assert js(b.cli("volume", "show", "v", "--json", check=True))["replication"]["role"] == "replica"
