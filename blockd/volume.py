@@ -436,12 +436,18 @@ class Volume:
             self.store.flush()
             return
         ticket = repl.send_flush()
+        self._flush_settled(repl, ticket)
+        repl.wait(ticket)
+
+    def _flush_settled(self, repl, ticket):
+        """The local flush of a replicated volume, whose peers were sent ``ticket``'s FLUSH (None: not
+        sent).  Before the intent log forgets the batch, every peer's answer to what came before is
+        in, or its miss is on record (a write acknowledged without it is otherwise recorded nowhere
+        once the intent log is cleared); the local fdatasyncs overlap that wait."""
 
         def settled():
-            # Before the intent log forgets this flush's chunks: every peer's answer to what came
-            # before is in, or its miss is on record (a write acknowledged without it is otherwise
-            # recorded nowhere once the intent log is cleared).  The local fdatasyncs overlap this.
-            repl.collect(ticket)
+            if ticket is not None:
+                repl.collect(ticket)
             # Up to the last seq sent now, after the snapshot: a write that sent after this flush's
             # FLUSH but marked its chunks dirty before the snapshot is in this batch too.
             return repl.settle(repl.last_seq())
@@ -449,8 +455,8 @@ class Volume:
         try:
             self.store.flush(settled)
         finally:
-            repl.collect(ticket)  # even if the local flush failed: the replicas' answers are recorded
-        repl.wait(ticket)
+            if ticket is not None:
+                repl.collect(ticket)  # even if the local flush failed: the replicas' answers are recorded
 
     # ---- for replication: locked ranges, checksums, reads under a held lock ----
     def lock_range(self, start, end, exclusive=True):
@@ -585,25 +591,14 @@ class Volume:
                 self.store.flush()
             else:
                 # The peers flush too (what they acknowledged but never flushed is otherwise at risk,
-                # and the record of it, PeerState.unflushed, goes with this open); requests still on a
-                # link settle first: their misses must be recorded before the intent log is cleared.
-                # Best effort on the peers' side: no quorum is awaited (nothing is acknowledged here).
+                # and the record of it, PeerState.unflushed, goes with this open).  Best effort on the
+                # peers' side: no quorum is awaited (nothing is acknowledged here).
                 ticket = None
                 try:
                     ticket = repl.send_flush()
                 except BlockdError:
                     pass  # fenced: nothing more to tell the peers
-
-                def settled():
-                    if ticket is not None:
-                        repl.collect(ticket)
-                    return repl.settle(repl.last_seq())
-
-                try:
-                    self.store.flush(settled)
-                finally:
-                    if ticket is not None:
-                        repl.collect(ticket)
+                self._flush_settled(repl, ticket)
         finally:
             self.store.close()
 
