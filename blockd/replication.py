@@ -708,10 +708,15 @@ class VolumeReplication:
             applied, ticket.applied = ticket.applied, set()
             ticket.acked = set()
         for name in applied:
-            ps = self.peers[name]
-            self._missed(name, ps, ticket.chunks, reason, ticket=ticket, reset=False)
-            if ps.link.up:
-                self.start_resync(name)  # it answers: no reason to reset its link (shared by every volume)
+            self._resync_from_here(name, self.peers[name], ticket, reason)
+
+    def _resync_from_here(self, name, ps, ticket, reason):
+        """The peer applied what this copy could not: it misses the request (recorded), and its resync
+        overwrites those chunks from here, over the link it has (no reset: links are shared by every
+        volume on that peer)."""
+        self._missed(name, ps, ticket.chunks, reason, ticket=ticket, reset=False)
+        if ps.link.up:
+            self.start_resync(name)
 
     def collect(self, ticket):
         """Take the answers to what this thread sent on its own sockets, or give up on them at their
@@ -806,10 +811,7 @@ class VolumeReplication:
                 if not abandoned:
                     ticket.wake()  # only the request waiting on it: no stampede of every waiter
                     return
-                # Applied there, not here: resynced from this copy.
-                self._missed(name, ps, ticket.chunks, abandoned, ticket=ticket, reset=False)
-                if ps.link.up:
-                    self.start_resync(name)
+                self._resync_from_here(name, ps, ticket, abandoned)  # applied there, not here
                 return
             chunks = set(ticket.chunks) | at_risk if at_risk else ticket.chunks
             code = None
