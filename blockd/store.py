@@ -433,13 +433,11 @@ class ChunkStore:
                 if sums is not None and self.exists(c):
                     self._write_sums(c, sums)
             self._sync_sums()
+            keep = True  # also if settled() raises
             try:
                 # A miss the callback's wait saw recorded nowhere (the bitmap could not be written)
                 # failed the store meanwhile: then the intent log is the only record left.
                 keep = (settled is not None and not settled()) or bool(self.failed)
-            except BaseException:
-                keep = True
-                raise
             finally:
                 if keep:
                     with self._lock:
