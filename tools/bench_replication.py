@@ -4,7 +4,7 @@
     python tools/bench_replication.py [--runtime S] [--repeat N] [--threads N]
                                       [--sweep-threads 1,4,8,16] [--sweep-workloads LIST]
                                       [--sweep-runtime S] [--sweep-repeat N] [--no-sweep]
-                                      [--no-diagnostic] [--no-resync] [--resync-rates 10000,default]
+                                      [--no-diagnostic] [--no-transport] [--no-resync] [--resync-rates 10000,default]
                                       [--insecure] [--quick] [--dir DIR] [--json PATH] [--keep] [--check]
 
 Two blockd nodes on loopback, each with its own data dir, key dir (CurveZMQ),
@@ -24,6 +24,12 @@ libnbd connection keeps `repl` open: its replication status exists only then.
      nbdkit processes is read from /proc, and per thread over a window inside
      the run: CPU, voluntary context switches, and every 20 ms the system call
      the thread is blocked in (/proc/PID/task/TID/syscall);
+  2a. transport: tools/bench_transport.py, the reference for what the floors
+     ask of the transport: blockd WRITEs of 1 MiB and 4 KiB over pyzmq
+     between two Python processes (same framing, same CurveZMQ choice, one
+     in flight per sender thread, as many threads as the primary's), decoded
+     and ACKed, nothing hashed or written; if it alone moves less than the
+     floor asks of replicated writes, no change inside blockd meets it here;
   3. diagnostic: the primary restarted with --metrics for one 4 KiB random
      write on plain and on repl: the replica's ack latency and the plugin's
      write time, node a's RSS growth and a scrape's duration (not in the
@@ -67,6 +73,7 @@ TOOLS = os.path.join(ROOT, "tools")
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, ROOT)
 import bench_fio as bf  # noqa: E402
+import bench_transport  # noqa: E402
 from bench_fio import GiB, KiB, MiB, BenchError  # noqa: E402
 
 from blockd import control as _control  # noqa: E402  (the client `volume show --json` uses; no numba)
@@ -101,7 +108,7 @@ WORKLOADS = (
 DEFAULTS = {"dir": None, "quick": False, "runtime": None, "repeat": None, "threads": None,
             "sweep_threads": None, "sweep": True, "sweep_workloads": ["randwrite-4k"], "sweep_runtime": None, "sweep_repeat": None,
             "resync": True, "resync_rates": [10000, None], "insecure": False, "diagnostic": True, "diag_runtime": None, "keep": False, "json": None,
-            "check": False}
+            "check": False, "transport": True}
 
 
 # ---- helpers -------------------------------------------------------------------------
@@ -742,6 +749,41 @@ class ReplicationBench:
         w["ratio"] = {"replicated/blockd": ratio(rp, b), "blockd/file": ratio(b, f), "replicated/file": ratio(rp, f)}
         w["status"] = status_for(w["ratio"]["replicated/blockd"])
 
+    # -- 2a. the transport alone --
+    def transport(self, main_threads):
+        """tools/bench_transport.py in this run: blockd WRITEs of each workload's size carried by pyzmq between
+        two Python processes (same framing, same CurveZMQ choice, one in flight per thread, --threads as the
+        primary), decoded and ACKed, nothing hashed or written.  The nodes sit idle meanwhile."""
+        o = self.o
+        seconds = max(2.0, min(5.0, o["runtime"] / 2))
+        sizes = sorted({wl.bs for wl in WORKLOADS})
+        log(f"transport alone: pyzmq {'plain TCP' if o['insecure'] else 'CurveZMQ'}, {main_threads} sender threads, "
+            f"{o['repeat']} run(s) x {seconds:g} s per size")
+        got = bench_transport.run(main_threads, sizes, seconds, o["repeat"], insecure=o["insecure"], tmpdir=self.tmp)
+        t = self.res["transport"] = {"threads": main_threads, "seconds": seconds, "insecure": o["insecure"],
+                                     "workloads": {}}
+        for wl in WORKLOADS:
+            r = got[wl.bs]
+            value = r["round_trips_per_s"] if wl.metric == "iops" else r["mibps"]
+            med = (self.res["workloads"].get(wl.name) or {}).get("median") or {}
+            b, repl = med.get("blockd", {}), med.get("replicated", {}).get(wl.metric)
+            # CPU per request of unreplicated blockd (node a) in the main rounds; a replicated request costs
+            # at least one such write on each copy plus the transport's round trip.
+            blockd_cpu = (1e4 * b["cpu_a_pct"] / b["iops"] if b.get("cpu_a_pct") is not None and b.get("iops")
+                          else None)
+            bound = None
+            if blockd_cpu is not None and r["cpu_us_per_round_trip"]:
+                per_s = (os.cpu_count() or 1) * 1e6 / (r["cpu_us_per_round_trip"] + 2 * blockd_cpu)
+                bound = per_s if wl.metric == "iops" else per_s * wl.bs / MiB
+            t["workloads"][wl.name] = {
+                "metric": wl.metric, "value": value, "round_trips_per_s": r["round_trips_per_s"], "mibps": r["mibps"],
+                "cpu_us_per_round_trip": r["cpu_us_per_round_trip"], "blockd_cpu_us_per_request": blockd_cpu,
+                "bound": bound, "transport/blockd": ratio(value, b.get(wl.metric)),
+                "bound/blockd": ratio(bound, b.get(wl.metric)), "replicated/transport": ratio(repl, value),
+                "replicated/bound": ratio(repl, bound)}
+            log(f"  {wl.name:<13} {r['round_trips_per_s']:9.0f} round trips/s {r['mibps']:8.1f} MiB/s "
+                f"{fmt(r['cpu_us_per_round_trip'], '.0f')} us CPU per round trip")
+
     # -- 2b. diagnostic runs with --metrics --
     def diagnose(self, main_threads):
         """The primary restarted with --metrics for one 4 KiB random write on plain and on repl: the plugin's
@@ -1018,6 +1060,9 @@ class ReplicationBench:
         self.rounds()
         phase("rounds")
         self.stop_ref()  # not needed any more: out of the way
+        if o["transport"]:
+            self.transport(main_threads)
+            phase("transport")
         if o["diagnostic"]:
             self.diagnose(main_threads)
             phase("diagnostic")
@@ -1167,6 +1212,33 @@ def print_table(res, host=True):
             f"{chk['chunks_recorded']} chunk(s) recorded for b; verify: "
             f"{'identical' if v['identical'] else 'DIFFERENT ' + str(v['differing_blocks'])}  "
             f"{'ok' if chk['ok'] else 'FAILED'}")
+    tr = res.get("transport")
+    if tr and tr.get("workloads"):
+        log()
+        log(f"transport alone (tools/bench_transport.py: blockd WRITEs over pyzmq "
+            f"{'plain TCP' if tr['insecure'] else 'CurveZMQ'} between two Python processes, {tr['threads']} threads x 1 "
+            f"in flight, decoded and ACKed, nothing hashed or written; median of {o['repeat']} x {tr['seconds']:g} s)")
+        hdr = (f"{'workload':<13} {'metric':<6} {'transport':>10} {'tr/blockd':>9} {'cpu us tr+2xb':>13} "
+               f"{'bound':>9} {'bound/blockd':>12} {'repl/bound':>10}  verdict")
+        log(hdr)
+        log("-" * len(hdr))
+        for name, w in tr["workloads"].items():
+            unit, spec = ("IOPS", ".0f") if w["metric"] == "iops" else ("MiB/s", ".1f")
+            tb, bb = w["transport/blockd"], w["bound/blockd"]
+            if tb is not None and tb < FLOOR:
+                verdict = "floor unreachable here: the transport alone is below it"
+            elif bb is not None and bb < FLOOR:
+                verdict = "floor unreachable here: CPU for transport + two writes exceeds it"
+            elif bb is None:
+                verdict = "-"
+            else:
+                verdict = "the bound leaves room for the floor"
+            cpu = f"{fmt(w['cpu_us_per_round_trip'], '.0f')}+2x{fmt(w['blockd_cpu_us_per_request'], '.0f')}"
+            log(f"{name:<13} {unit:<6} {fmt(w['value'], spec):>10} {fmt(tb, '.2f'):>9} {cpu:>13} "
+                f"{fmt(w['bound'], spec):>9} {fmt(bb, '.2f'):>12} {fmt(w['replicated/bound'], '.2f'):>10}  {verdict}")
+        log(f"bound = {m['nproc']} CPUs / (the transport's CPU per round trip, both ends + 2 x unreplicated blockd's "
+            "CPU per request on node a in the main rounds): what the CPUs allow if replication cost nothing but "
+            "the message and a second copy's write (fio's own CPU not even counted)")
     d = res.get("diagnostic")
     if d and d.get("replicated"):
         log()
@@ -1262,6 +1334,9 @@ def main(argv=None):
     ap.add_argument("--diagnostic", action=argparse.BooleanOptionalAction, default=True,
                     help="after the rounds, one 4 KiB random write on plain and repl with the primary's --metrics on, "
                          "for the ack latency and the plugin's write time (default: on)")
+    ap.add_argument("--transport", action=argparse.BooleanOptionalAction, default=True,
+                    help="after the rounds, the transport alone (tools/bench_transport.py) at the same sizes and "
+                         "threads, as a reference for what the floors ask (default: on)")
     ap.add_argument("--insecure", action="store_true",
                     help="both nodes with --insecure-replication (plain TCP, no CurveZMQ): to see what encryption "
                          "costs; not the default")
