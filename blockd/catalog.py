@@ -15,7 +15,7 @@ from .errors import BadInput, BlockdError, NotFound, Refused
 from .geometry import DEFAULT_CHUNK_SIZE
 from .sizes import check_name, check_volume_size, format_size
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 DEFAULT_POOL = "default"
 MAX_LOGICAL_LIMIT = 2**63 - 1  # SQLite integers are signed 64-bit
 BUSY_TIMEOUT_SECONDS = 30  # a CLI waiting on a long provisioning transaction
@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS volumes (
     repl_id    INTEGER,                -- replication id, the same on every copy (NULL: not replicated)
     min_copies INTEGER NOT NULL DEFAULT 1,  -- copies a write needs before it is acknowledged
     sync_state TEXT,                   -- replica: in_sync/out_of_sync as its primary last said
-    copies     TEXT                    -- replica: JSON list of every copy {name, key, address} as the primary knows them
+    copies     TEXT,                   -- replica: JSON list of every copy {name, key, address} as the primary knows them
+    applied_seq INTEGER NOT NULL DEFAULT 0  -- replica: the last client write's seq applied here, as of its last flush
 );
 CREATE UNIQUE INDEX IF NOT EXISTS volumes_repl_id ON volumes(repl_id);
 CREATE TABLE IF NOT EXISTS peers (
@@ -101,6 +102,9 @@ MIGRATIONS = {
     4: [
         "ALTER TABLE volumes ADD COLUMN sync_state TEXT",
         "ALTER TABLE volumes ADD COLUMN copies TEXT",
+    ],
+    5: [
+        "ALTER TABLE volumes ADD COLUMN applied_seq INTEGER NOT NULL DEFAULT 0",
     ],
 }
 
@@ -412,6 +416,18 @@ class Catalog:
             db.execute("UPDATE volumes SET epoch=?, role=?, sync_state=CASE WHEN sync_state='promoted' THEN NULL "
                        "ELSE sync_state END WHERE id=?", (epoch, role, volume_id))
 
+    def adopt_epoch(self, volume_id, epoch):
+        """A copy promoted elsewhere announced ``epoch``: this copy is a replica at that epoch, and in no
+        known sync state until the new primary says (it cannot be promoted without --force until then)."""
+        with self.transaction() as db:
+            db.execute("UPDATE volumes SET epoch=?, role='replica', sync_state=NULL WHERE id=? AND epoch<?",
+                       (epoch, volume_id, epoch))
+
+    def set_applied_seq(self, volume_id, seq):
+        """A replica's last applied client write, made durable by a flush (promotion compares them)."""
+        with self.transaction() as db:
+            db.execute("UPDATE volumes SET applied_seq=MAX(applied_seq, ?) WHERE id=?", (seq, volume_id))
+
     def clear_promoted(self, volume_id):
         with self.transaction() as db:
             db.execute("UPDATE volumes SET sync_state=NULL WHERE id=? AND sync_state='promoted'", (volume_id,))
@@ -427,9 +443,9 @@ class Catalog:
         with self.transaction() as db:
             db.execute("UPDATE volumes SET sync_state='promoted' WHERE id=? AND role='primary'", (volume_id,))
 
-    def promote(self, name, peer_names):
-        """Replica -> primary with the next epoch; ``peer_names`` (other copies, as this node names them)
-        become its replicas.  Returns the new row."""
+    def promote(self, name, peer_names, epoch=None):
+        """Replica -> primary with ``epoch`` (default: the next one); ``peer_names`` (other copies, as this
+        node names them) become its replicas.  Returns the new row."""
         with self.transaction() as db:
             row = db.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
             if row is None:
@@ -438,7 +454,7 @@ class Catalog:
                 raise Refused(f"volume {name} is already the primary here (epoch {row['epoch']})")
             # 'promoted': writable before any peer answers (this node just chose the new epoch).
             db.execute("UPDATE volumes SET role='primary', epoch=?, sync_state='promoted' WHERE id=?",
-                       (row["epoch"] + 1, row["id"]))
+                       (max(row["epoch"] + 1, epoch or 0), row["id"]))
             db.execute("DELETE FROM volume_replicas WHERE volume_id=?", (row["id"],))
             for peer in peer_names:
                 pid = db.execute("SELECT id FROM peers WHERE name=?", (peer,)).fetchone()

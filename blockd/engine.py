@@ -232,7 +232,7 @@ class Engine:
             return {"role": "replica", "repl_id": row["repl_id"], "epoch": row["epoch"],
                     "min_copies": row["min_copies"], "sync_state": row["sync_state"],
                     "copies": len(json.loads(row["copies"] or "[]")), "fenced": False, "peers": {},
-                    "applied_seq": sink.applied_seq.get(row["repl_id"], 0) if sink is not None else None}
+                    "applied_seq": sink.last_applied(row["repl_id"], row) if sink is not None else row["applied_seq"]}
         with self._lock:
             entry = self._open.get(row["id"])
         vr = entry.volume.replication if entry is not None else None
@@ -262,6 +262,7 @@ class Engine:
         replica for the new primary's resync.
         """
         self.catalog.set_epoch_role(volume_id, epoch, "replica")
+        self._drop_bitmaps(volume_id)  # its peers' resync bitmaps mean nothing now; late answers record nothing
         with self._lock:
             entry = self._open.pop(volume_id, None)
             if entry is None:
@@ -272,14 +273,25 @@ class Engine:
             os.close(entry.lock_fd)
             entry.lock_fd = None
 
+    def _drop_bitmaps(self, volume_id):
+        if self.replication is not None:
+            self.replication.drop_bitmaps(volume_id)
+
     def promote(self, name, force=False, own_key=None, survivors=None):
         """Make this node's replica the primary with the next epoch.
 
         Refused when the copy cannot be known to hold every acknowledged
         write (its primary last said it was out of sync, or writes needed
-        fewer copies than exist), unless ``force``.  Every other copy is
-        marked for a full comparison resync (chunks whose checksums match
-        are skipped).  Returns a report.
+        fewer copies than exist and a survivor is further along or too few
+        answered), or when another copy is already a primary at this epoch
+        or a newer one, unless ``force``.  The new epoch is announced to
+        every other copy first (``survivors(copies, repl_id, epoch=E)``):
+        those that take it refuse the old primary's writes from then on, so
+        it cannot gather ``min_copies`` copies behind this one's back; unless
+        ``force``, enough copies must take it for that (all but
+        min_copies - 1, this one included).  Every other copy is marked for
+        a full comparison resync (chunks whose checksums match are skipped).
+        Returns a report.
         """
         import json
 
@@ -297,18 +309,25 @@ class Engine:
         reasons = []
         if row["sync_state"] != "in_sync":
             reasons.append(f"its primary last reported it {row['sync_state'] or 'not yet in sync'}")
+        others = [c for c in copies if c.get("key") != own]
+        answers = survivors(others, row["repl_id"]) if survivors is not None and others else {}
+        my_primary = {c.get("address") for c in copies if c.get("name") is None}  # as the primary last said
+        for addr, st in answers.items():
+            if st and st.get("role") == "primary" and (st.get("epoch", 0) > row["epoch"] or (
+                    st.get("epoch", 0) == row["epoch"] and addr not in my_primary)):
+                reasons.append(f"the copy at {addr} is already the primary at epoch {st['epoch']} (promoted there)")
         if copies and row["min_copies"] < len(copies):
             # Writes did not need every copy: another survivor may hold acknowledged writes this one
             # lacks.  Ask them (their sinks); promote only the most up-to-date one.
-            others = [c for c in copies if c.get("key") != own]
-            mine = self.sink.applied_seq.get(row["repl_id"], 0) if self.sink is not None else 0
-            answers = survivors(others, row["repl_id"]) if survivors is not None else {}
+            mine = self.sink.last_applied(row["repl_id"], row) if self.sink is not None else (row["applied_seq"] or 0)
             ahead = [(addr, st) for addr, st in answers.items()
                      if st and st.get("role") == "replica" and st.get("applied_seq", 0) > mine]
             if ahead:
                 addr, st = max(ahead, key=lambda a: a[1]["applied_seq"])
-                reasons.append(f"the copy at {addr} is more up to date (applied seq {st['applied_seq']} > {mine}): "
-                               "promote that one")
+                which = ("promote that one" if st.get("sync_state") == "in_sync"
+                         else f"though {st.get('sync_state') or 'not known to be in sync'} there: no copy is known "
+                              "to hold every acknowledged write")
+                reasons.append(f"the copy at {addr} applied later writes (seq {st['applied_seq']} > {mine}): {which}")
             unknown = [c["address"] for c in others if answers.get(c.get("address")) is None]
             # An acknowledged write is on at least min_copies copies; the ones that answered are covered
             # (this copy is in sync and at least as far along), so it can be missing here only if
@@ -321,6 +340,21 @@ class Engine:
         if reasons and not force:
             raise Refused(f"refusing to promote {name}: " + "; ".join(reasons) + "; --force promotes it anyway "
                           "(acknowledged writes may be lost)")
+        epoch = max([row["epoch"]] + [st.get("epoch", 0) for st in answers.values() if st]) + 1
+        if others and survivors is not None:
+            # Announce it before taking it: a copy that holds it refuses the old primary's writes.
+            taken = survivors(others, row["repl_id"], epoch=epoch)
+            holders = 1 + sum(1 for st in taken.values() if st and st.get("epoch") == epoch)
+            needed = len(copies) - row["min_copies"] + 1
+            if holders < needed:
+                missing = [c["address"] for c in others if not (taken.get(c.get("address")) or {}).get("epoch") == epoch]
+                why = (f"only {holders} of the {len(copies)} copies hold epoch {epoch} ({', '.join(missing)} did not "
+                       f"take it): the old primary could still reach {row['min_copies']} copies and acknowledge "
+                       "writes this one never sees")
+                if not force:
+                    raise Refused(f"refusing to promote {name}: {why}; the copies that took the epoch refuse the old "
+                                  "primary from now on; --force promotes it anyway")
+                reasons.append(why)
         peer_names = []
         for copy in copies:
             if copy.get("key") and copy["key"] == own:
@@ -335,7 +369,8 @@ class Engine:
                 volume = None
         if volume is not None:
             self.release(volume)
-        new = self.catalog.promote(name, peer_names)
+        self._drop_bitmaps(row["id"])  # any left from an earlier life as the primary here: rewritten below
+        new = self.catalog.promote(name, peer_names, epoch)
         # Every other copy gets compared chunk by chunk on first contact.
         size = new["size"]
         chunk = new["chunk_size"]
@@ -455,6 +490,7 @@ class Engine:
             peers = self.catalog.volume_replicas(row["id"]) if row["repl_id"] is not None else []
             self.catalog.delete_volume(name)
         # Outside the lock (a big volume takes a while): with the row gone, nobody can open it again.
+        self._drop_bitmaps(row["id"])
         self.datadir.remove_volume_files(row["id"])
         if peers and row["role"] == "primary" and self.replication is not None:
             self.replication.delete_on_peers(row, peers)  # best effort: a peer away keeps an orphan copy

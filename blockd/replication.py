@@ -403,10 +403,36 @@ class Ticket:
         self._signal.acquire(timeout=timeout)
 
 
+class PeerBitmap:
+    """One peer's resync bitmap for one volume: the durable set of chunks it missed, and those a full
+    disk kept out of it (``unrecorded``: resynced all the same, retried at the next record).
+
+    One per file per process (``Manager.bitmap``), shared by every open of the volume: an IntentLog
+    appends at its own idea of the file's end, so a second object on the same file (a late answer to
+    a closed open's request) would write over the first one's records.  Once closed (the volume was
+    deleted or fenced, or promotion rewrote the file) it takes nothing more."""
+
+    def __init__(self, files, path):
+        self.log = IntentLog(files, path)
+        self.lock = threading.Lock()
+        self.unrecorded = set()
+        self.closed = False
+        self.log.load()
+
+    @property
+    def chunks(self):
+        return self.log.chunks
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            self.log.close()
+
+
 class PeerState:
     __slots__ = ("link", "peer_id", "state", "bitmap", "generation", "resync_thread", "resync_total",
-                 "resync_done", "resynced_bytes", "skipped_chunks", "seeded", "unflushed", "_bitmap_lock",
-                 "created", "session_created", "link_pending", "outstanding", "unrecorded")
+                 "resync_done", "resynced_bytes", "skipped_chunks", "seeded", "unflushed",
+                 "created", "session_created", "link_pending", "outstanding")
 
     def __init__(self, link, peer_id, state, bitmap, seeded):
         self.link = link
@@ -421,39 +447,45 @@ class PeerState:
         self.skipped_chunks = 0
         self.seeded = seeded
         self.unflushed = set()  # chunks it acknowledged since its last acknowledged flush
-        self._bitmap_lock = threading.Lock()
         # It answered this open's CREATE: writes may then bypass the link (nothing must overtake CREATE).
         self.created = False
         self.session_created = False  # it answered CREATE since the link last went down
         self.link_pending = 0  # writes queued on the link and not yet answered: later ones follow them there
         self.outstanding = set()  # seqs sent to it (link or direct) until answered or their miss recorded
-        self.unrecorded = set()  # missed chunks the bitmap could not take (disk full): retried, resynced
 
     def record(self, chunks):
         """Durably add chunks to its resync bitmap (request, link and resync threads share it), with
         any that an earlier attempt could not record."""
-        with self._bitmap_lock:
-            self.bitmap.add(sorted(set(chunks) | self.unrecorded))
-            self.unrecorded.clear()
+        b = self.bitmap
+        with b.lock:
+            if b.closed:
+                return  # the volume is gone or no longer the primary here: nothing to resync from here
+            b.log.add(sorted(set(chunks) | b.unrecorded))
+            b.unrecorded.clear()
 
     def remember(self, chunks):
         """Chunks it missed that could not be recorded durably: resynced by this process all the same,
         and tried again at the next record()."""
-        with self._bitmap_lock:
-            self.unrecorded.update(c for c in chunks if c not in self.bitmap.chunks)
+        b = self.bitmap
+        with b.lock:
+            b.unrecorded.update(c for c in chunks if c not in b.log.chunks)
 
     def forget(self, chunks):
-        with self._bitmap_lock:
-            self.unrecorded.difference_update(chunks)
-            self.bitmap.remove(sorted(chunks))
+        b = self.bitmap
+        with b.lock:
+            b.unrecorded.difference_update(chunks)
+            if not b.closed:
+                b.log.remove(sorted(chunks))
 
     def pending_chunks(self):
-        with self._bitmap_lock:
-            return sorted(self.bitmap.chunks | self.unrecorded)
+        b = self.bitmap
+        with b.lock:
+            return sorted(b.log.chunks | b.unrecorded)
 
     def pending_count(self):
-        with self._bitmap_lock:
-            return len(self.bitmap.chunks) + len(self.unrecorded)
+        b = self.bitmap
+        with b.lock:
+            return len(b.log.chunks) + len(b.unrecorded)
 
 
 class VolumeReplication:
@@ -481,24 +513,18 @@ class VolumeReplication:
         self.confirmed = (not peers or row["sync_state"] == "promoted"
                           or manager.confirmed_epochs.get(volume.volume_id) == self.epoch)
         self._promoted = row["sync_state"] == "promoted"
-        bitmaps = []
-        try:
-            for p in peers:
-                bitmap = IntentLog(manager.files, manager.datadir.resync_path(volume.volume_id, p["name"]))
-                bitmaps.append(bitmap)
-                bitmap.load()
-                # A peer with missed chunks on record starts out of sync; others are assumed in sync
-                # until their first request says otherwise (the CREATE handshake checks).
-                if volume.store.recovered:
-                    # Chunks dirty when this node crashed may differ between the copies.
-                    bitmap.add(sorted(volume.store.recovered))
-                state = rp.OUT_OF_SYNC if bitmap.chunks else rp.IN_SYNC
-                self.peers[p["name"]] = PeerState(manager.link(p), p["peer_id"], state, bitmap,
-                                                  bool(p["seeded"]))
-        except BaseException:
-            for bitmap in bitmaps:
-                bitmap.close()
-            raise
+        for p in peers:
+            # Shared with earlier opens of this volume in this process (their late answers included).
+            ps = PeerState(manager.link(p), p["peer_id"], rp.IN_SYNC, manager.bitmap(volume.volume_id, p["name"]),
+                           bool(p["seeded"]))
+            if volume.store.recovered:
+                # Chunks dirty when this node crashed may differ between the copies.
+                ps.record(volume.store.recovered)
+            # A peer with missed chunks on record starts out of sync; others are assumed in sync
+            # until their first request says otherwise (the CREATE handshake checks).
+            if ps.pending_count():
+                ps.state = rp.ReplicaState(rp.OUT_OF_SYNC)
+            self.peers[p["name"]] = ps
 
     # -- handshake ---------------------------------------------------------------------
     def _info(self):
@@ -1245,6 +1271,7 @@ class Manager:
         self.settings = settings
         self._links = {}
         self._volumes = {}  # volume id -> VolumeReplication
+        self._bitmaps = {}  # (volume id, peer name) -> PeerBitmap, for the life of this process
         self.confirmed_epochs = {}  # volume id -> the epoch a peer confirmed current in this process
         self._lock = threading.Lock()
 
@@ -1258,6 +1285,23 @@ class Manager:
                                 self.settings, on_up=self._peer_up, on_down=self._peer_down).start()
                 self._links[peer["name"]] = link
             return link
+
+    def bitmap(self, volume_id, peer_name):
+        """The resync bitmap of ``peer_name`` for a volume: loaded once, then shared by every open."""
+        key = (volume_id, peer_name)
+        with self._lock:
+            b = self._bitmaps.get(key)
+            if b is None:
+                b = self._bitmaps[key] = PeerBitmap(self.files, self.datadir.resync_path(volume_id, peer_name))
+            return b
+
+    def drop_bitmaps(self, volume_id):
+        """The volume was deleted, fenced or promoted here: its bitmaps are closed (late answers to its
+        old opens record nothing) and the next open loads the files afresh."""
+        with self._lock:
+            gone = [self._bitmaps.pop(k) for k in list(self._bitmaps) if k[0] == volume_id]
+        for b in gone:
+            b.close()
 
     def _peer_down(self, link):
         with self._lock:
@@ -1285,8 +1329,6 @@ class Manager:
                 self._volumes.pop(volume.volume_id, None)
             volume.replication = None
             vr.close(wait=False)
-            for ps in vr.peers.values():
-                ps.bitmap.close()
             raise
         return vr
 
@@ -1329,8 +1371,8 @@ class Manager:
         for done in events:
             done.wait(self.settings.ack_timeout * 2)
 
-    def query_copies(self, copies, repl_id):
-        return query_copies(copies, self.keys, repl_id, self.settings.insecure, self.settings.ack_timeout)
+    def query_copies(self, copies, repl_id, epoch=0):
+        return query_copies(copies, self.keys, repl_id, self.settings.insecure, self.settings.ack_timeout, epoch)
 
     def links(self):
         with self._lock:
@@ -1351,7 +1393,8 @@ class Sink:
         self.ctx = None  # created in start(), after nbdkit forks
         self.refused = collections.Counter()  # reason -> count
         self.applied = collections.Counter()  # type name -> count
-        self.applied_seq = {}  # repl_id -> last seq applied
+        self.applied_seq = {}  # repl_id -> seq of the last client write (WRITE, TRIM, ZERO) applied here
+        self._persisted_seq = {}  # repl_id -> the applied seq last made durable in the catalog (at a FLUSH)
         self._volumes = {}  # repl_id -> (Volume opened for the sink, the epoch last checked in the catalog)
         self._cache_lock = threading.Lock()  # the sink thread fills the cache; promotion (drop) empties it
         self._uncached = set()  # repl_ids promoted here: always looked up in the catalog
@@ -1484,7 +1527,10 @@ class Sink:
         if msg.epoch < row["epoch"]:
             raise _Stale(row)
         if row["role"] != "replica":
-            raise _Refuse(f"volume {row['name']} is a primary here (epoch {row['epoch']})", "not_replica")
+            if msg.epoch == row["epoch"]:
+                raise _Refuse(f"volume {row['name']} is a primary here (epoch {row['epoch']})", "not_replica")
+            self._supersede(row, msg.epoch)  # a newer primary writes to us: this copy is its replica now
+            row = self.catalog.volume_by_repl_id(msg.volume)
         if msg.epoch > row["epoch"]:
             self.catalog.set_epoch_role(row["id"], msg.epoch, "replica")
         if cached is not None:
@@ -1514,9 +1560,18 @@ class Sink:
             row = self.catalog.volume_by_repl_id(msg.volume)
             if row is None:
                 raise _Refuse(f"no copy with replication id {msg.volume} here", "unknown_volume")
+            if msg.epoch > row["epoch"]:
+                # A copy being promoted announces its new epoch: from now on the old primary's writes are
+                # refused here as stale (it is fenced at its next request), and this copy, a replica,
+                # waits for the new primary to say how in sync it is.
+                if row["role"] != "replica":
+                    self._supersede(row, msg.epoch)
+                self.catalog.adopt_epoch(row["id"], msg.epoch)
+                self._forget(msg.volume)  # the cached entry holds the old epoch
+                row = self.catalog.volume_by_repl_id(msg.volume)
             return rp.json_message(rp.ACK, {"epoch": row["epoch"], "role": row["role"],
                                             "sync_state": row["sync_state"],
-                                            "applied_seq": self.applied_seq.get(msg.volume, 0)},
+                                            "applied_seq": self.last_applied(msg.volume, row)},
                                    volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
         volume = self._volume(msg)
         if t == rp.WRITE or t == rp.RESYNC:
@@ -1533,6 +1588,11 @@ class Sink:
             volume.zero(msg.offset, msg.length, bool(msg.flags & rp.FUA))
         elif t == rp.FLUSH:
             volume.flush()
+            seq = self.applied_seq.get(msg.volume, 0)
+            if seq > self._persisted_seq.get(msg.volume, 0):
+                # Durable with the data it stands for: what promotion compares after a restart here.
+                self.catalog.set_applied_seq(volume.volume_id, seq)
+                self._persisted_seq[msg.volume] = seq
         elif t == rp.DELETE:
             with self._cache_lock:
                 cached = self._volumes.pop(msg.volume, None)
@@ -1550,8 +1610,25 @@ class Sink:
         else:
             raise _Refuse(f"{rp.NAMES[t]} is not accepted by a sink", "unexpected")
         self.applied[rp.NAMES[t]] += 1
-        self.applied_seq[msg.volume] = max(self.applied_seq.get(msg.volume, 0), msg.seq)
+        if t == rp.WRITE or t == rp.TRIM or t == rp.ZERO:
+            # Client writes only: a RESYNC carries a new seq but brings a copy up to date, not ahead.
+            self.applied_seq[msg.volume] = max(self.applied_seq.get(msg.volume, 0), msg.seq)
         return self._ack(msg)
+
+    def last_applied(self, repl_id, row):
+        """The seq of the last client write this copy applied: in this process, or as of its last flush."""
+        return max(self.applied_seq.get(repl_id, 0), row["applied_seq"] or 0)
+
+    def _supersede(self, row, epoch):
+        """A message at a newer epoch for a volume that is the primary here: a copy was promoted elsewhere.
+        This one is fenced (never writable again here) and becomes a replica the new primary resyncs."""
+        manager = self.engine.replication
+        vr = manager.volume(row["id"]) if manager is not None else None
+        if vr is not None:
+            manager.fence(vr, epoch, "a copy promoted elsewhere")
+        else:
+            log(f"{row['name']}: a copy promoted elsewhere holds epoch {epoch} > {row['epoch']}: fenced, now a replica")
+            self.engine.fence(row["id"], epoch)
 
     def _create(self, msg):
         info = msg.json()
@@ -1582,7 +1659,7 @@ class Sink:
                     raise _Refuse(f"volume {row['name']} is a primary here at the same epoch {row['epoch']}",
                                   "not_replica")
                 # A newer primary exists: this node's copy was superseded (fencing).
-                self.engine.fence(row["id"], msg.epoch)
+                self._supersede(row, msg.epoch)
                 row = self.catalog.volume_by_repl_id(msg.volume)
             elif msg.epoch > row["epoch"]:
                 self.catalog.set_epoch_role(row["id"], msg.epoch, "replica")
@@ -1593,7 +1670,7 @@ class Sink:
         self.catalog.set_replica_view(row["id"], info.get("state"), int(info.get("min_copies", 1)),
                                       _json.dumps(info.get("copies", [])))
         reply = {"created": created, "epoch": msg.epoch, "role": "replica",
-                 "applied_seq": self.applied_seq.get(msg.volume, 0)}
+                 "applied_seq": self.last_applied(msg.volume, row)}
         return rp.json_message(rp.ACK, reply, volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
 
     def drop(self, repl_id):
@@ -1609,9 +1686,11 @@ class Sink:
                 "volumes": len(self._volumes)}
 
 
-def query_copies(copies, keys, repl_id, insecure=False, timeout=2.0):
+def query_copies(copies, keys, repl_id, insecure=False, timeout=2.0, epoch=0):
     """Ask each copy's sink for its state of a volume: {address: {"epoch", "role", "sync_state",
-    "applied_seq"} or None if it does not answer}.  Used by promotion to find the most up-to-date survivor."""
+    "applied_seq"} or None if it does not answer}.  Used by promotion to find the most up-to-date survivor,
+    and, with ``epoch``, to announce a promotion's new epoch: a copy below it takes it (a primary there is
+    fenced), so the old primary's writes are refused there from then on."""
     ctx = zmq.Context.instance()
     out = {}
     for copy in copies:
@@ -1627,7 +1706,7 @@ def query_copies(copies, keys, repl_id, insecure=False, timeout=2.0):
                     continue
                 curve_client(sock, keys, copy["key"])
             sock.connect(address)
-            msg = rp.json_message(rp.STATE, {}, volume=repl_id, seq=1)
+            msg = rp.json_message(rp.STATE, {}, volume=repl_id, seq=1, epoch=epoch)
             sock.send_multipart(rp.encode(msg))
             if sock.poll(int(timeout * 1000)):
                 reply = rp.decode(sock.recv_multipart())

@@ -630,14 +630,53 @@ def test_three_copies_promotion_requires_the_most_up_to_date_survivor(cluster):
         h.pwrite(os.urandom(65536), CHUNK + i * 65536)
     h.flush()
     a.server.kill9()  # the primary dies before b returns: nobody told b it fell behind
+    c.server.stop()  # and c restarts: what it applied must survive that (it was flushed)
+    c.start()
     b.start()
     assert replication(b, "v")["sync_state"] == "in_sync"
     # b believes it is in sync, but c (asked over its sink) is ahead: b must not be promoted.
     refused = b.cli("volume", "promote", "v")
-    assert refused.returncode == 1 and "more up to date" in refused.stderr, refused.stderr
-    assert c.address in refused.stderr
+    assert refused.returncode == 1 and "applied later writes" in refused.stderr, refused.stderr
+    assert c.address in refused.stderr and "promote that one" in refused.stderr
+    assert replication(b, "v")["role"] == "replica" and replication(b, "v")["epoch"] == 1  # nothing announced
     out = js(c.cli("volume", "promote", "v", "--json"))
     assert out["epoch"] == 2 and not out["forced"]
+    # c announced epoch 2 to b: b no longer takes the old primary's writes, and is not promotable
+    # until its new primary says how in sync it is.
+    assert replication(b, "v")["epoch"] == 2
+    again = b.cli("volume", "promote", "v")
+    assert again.returncode == 1 and "not yet in sync" in again.stderr, again.stderr
+    h.shutdown()
+
+
+def test_promotion_with_the_old_primary_alive_fences_it_at_once(cluster):
+    """A planned failover (or a partition the operator's node sees across): the promoted copy announces
+    its epoch to every copy before it takes it, so the old primary, still serving, is fenced then and
+    there: its next write fails instead of being acknowledged by a copy that never heard of the
+    promotion.  Then the three copies converge under the new primary."""
+    a, b, c = cluster(3)
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", "--replica", "c", "--min-copies", "2",
+          check=True)
+    h = start_in_sync(a, [b, c], "v", 2, 4096)
+    h.pwrite(b"before" * 682 + b"....", 0)
+    h.flush()
+    wait_in_sync(a, "v")
+    out = js(c.cli("volume", "promote", "v", "--json"))
+    assert out["epoch"] == 2 and not out["forced"]
+    with pytest.raises(nbd.Error):
+        h.pwrite(b"after" * 800 + b"." * 96, 4096)  # the old primary is fenced: never acknowledged
+    wait_for(lambda: js(a.cli("volume", "show", "v", "--json"))["role"] == "replica", 30, what="a fenced")
+    assert replication(b, "v")["epoch"] == 2
+    # A second promotion elsewhere is refused: c is the primary now.
+    refused = b.cli("volume", "promote", "v")
+    assert refused.returncode == 1 and "already the primary" in refused.stderr, refused.stderr
+    hc = c.connect("v")
+    assert hc.pread(4096, 0) == b"before" * 682 + b"...."
+    hc.pwrite(b"new" * 1365 + b"n", 8192)
+    hc.flush()
+    wait_in_sync(c, "v", timeout=120)
+    assert verify(c, "v")["identical"]
+    hc.shutdown()
     h.shutdown()
 
 

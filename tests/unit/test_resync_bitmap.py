@@ -235,3 +235,40 @@ def test_an_error_in_the_link_thread_fails_its_requests_and_the_link_reconnects(
     volume.write(np.full(4096, 2, np.uint8), CHUNK)  # min-copies 2: the replica answers again
     volume.flush()
     assert volume.replication.verify() == {"b": []}
+
+
+def test_a_late_miss_through_a_closed_open_keeps_what_the_next_open_recorded(pair):
+    """An answer can come after its volume's last connection closed and the volume was opened again:
+    its miss is recorded through the old open's peer state.  Both opens write one bitmap file, so they
+    must share one bitmap object: two, each appending at its own idea of the file's end, overwrote each
+    other's records (a chunk the peer missed was then never resynced)."""
+    primary, sink, start_primary = pair
+    volume = start_primary()
+    volume.write(np.full(4096, 1, np.uint8), 0)
+    volume.flush()
+    old = volume.replication.peers["b"]
+    old.record([5])  # a miss and its resync in this open: the bitmap file now has two records
+    old.forget([5])
+    primary.engine.release(volume)  # the last connection closes ...
+
+    volume = primary.engine.open("v")  # ... and another opens it
+    new = volume.replication.peers["b"]
+    sink.stop()
+    volume.write(np.full(4096, 2, np.uint8), 3 * CHUNK)  # min-copies 1: acknowledged; 3 recorded for b
+    _wait_for(lambda: 3 in new.pending_chunks())  # at its ack deadline
+    old.record([9])  # the closed open's late miss
+    on_disk = IntentLog(OsFiles(), primary.datadir.resync_path(volume.volume_id, "b")).load()
+    assert {3, 9} <= on_disk
+    assert {3, 9} <= set(new.pending_chunks())  # this open resyncs the late miss too
+
+
+def test_a_deleted_volumes_bitmaps_take_nothing_more(pair):
+    primary, sink, start_primary = pair
+    volume = start_primary()
+    volume.write(np.full(4096, 1, np.uint8), 0)
+    peer = volume.replication.peers["b"]
+    path = primary.datadir.resync_path(volume.volume_id, "b")
+    primary.engine.release(volume)
+    primary.engine.delete("v")
+    peer.record([4])  # a late answer after the delete
+    assert not os.path.exists(path)
