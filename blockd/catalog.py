@@ -420,8 +420,9 @@ class Catalog:
         """A copy promoted elsewhere announced ``epoch``: this copy is a replica at that epoch, and in no
         known sync state until the new primary says (it cannot be promoted without --force until then)."""
         with self.transaction() as db:
-            db.execute("UPDATE volumes SET epoch=?, role='replica', sync_state=NULL WHERE id=? AND epoch<?",
-                       (epoch, volume_id, epoch))
+            cur = db.execute("UPDATE volumes SET epoch=?, role='replica', sync_state=NULL WHERE id=? AND epoch<?",
+                             (epoch, volume_id, epoch))
+            return cur.rowcount > 0
 
     def set_applied_seq(self, volume_id, seq):
         """A replica's last applied client write, made durable by a flush (promotion compares them)."""

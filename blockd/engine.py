@@ -261,7 +261,8 @@ class Engine:
         flushed) and its lock is let go at once, so the sink can open the
         replica for the new primary's resync.
         """
-        self.catalog.set_epoch_role(volume_id, epoch, "replica")
+        if not self.catalog.adopt_epoch(volume_id, epoch):
+            return  # already at that epoch or a newer one (promoted here since): nothing to fence
         self._drop_bitmaps(volume_id)  # its peers' resync bitmaps mean nothing now; late answers record nothing
         with self._lock:
             entry = self._open.pop(volume_id, None)
@@ -364,7 +365,7 @@ class Engine:
                 peer_names.append(peer["name"])
         with self._lock:
             if self.sink is not None:
-                volume = self.sink.drop(row["repl_id"])
+                volume = self.sink.drop(row["repl_id"], epoch)
             else:
                 volume = None
         if volume is not None:

@@ -539,9 +539,13 @@ class VolumeReplication:
         """Queue CREATE to every peer (first on each link, so before any write); answers handled as they come."""
         info = self._info()
         for name, ps in self.peers.items():
-            self._create_one(name, ps, info)
+            self._create_one(name, ps, info, session=True)
 
-    def _create_one(self, name, ps, info):
+    def _create_one(self, name, ps, info, session=False):
+        """CREATE on the link.  ``session``: this open's first, or the first since the peer was out of sync:
+        every request to it with a lower seq was answered or counted as missed (its chunks are in the
+        bitmap), so the sink refuses any that arrives late (from an old connection) instead of applying
+        it over what the resync sends."""
         info = dict(info, state=ps.state.state)
 
         def answered(ok, reply):
@@ -587,7 +591,8 @@ class VolumeReplication:
             if ps.state.state == rp.OUT_OF_SYNC and ps.link.up:
                 self.start_resync(name)
 
-        msg = rp.json_message(rp.CREATE, info, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq())
+        msg = rp.json_message(rp.CREATE, info, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq(),
+                              flags=rp.SESSION if session else 0)
         self._send_on_link(ps, msg, answered)  # counted: no direct write overtakes it (resize, epoch)
 
     def tell_peers(self):
@@ -1027,7 +1032,7 @@ class VolumeReplication:
             info = self._info()
         except Exception:
             return  # deleted meanwhile
-        self._create_one(name, ps, info)
+        self._create_one(name, ps, info, session=True)
 
     def start_resync(self, name):
         ps = self.peers[name]
@@ -1340,15 +1345,26 @@ class Manager:
 
     def fence(self, vr, epoch, by):
         """A peer holds a newer epoch: this copy was superseded.  Never writable again here: it becomes
-        a replica (the new primary resyncs it)."""
-        with vr._cond:
-            vr.fenced = True
-            vr._wake_all()
-        self.confirmed_epochs.pop(vr.volume.volume_id, None)
+        a replica (the new primary resyncs it).  ``vr`` may be a closed open's (a late answer): the
+        volume's current open is fenced too if its epoch is as old, and left alone if newer."""
+        epoch = epoch if isinstance(epoch, int) else vr.epoch + 1
+        volume_id = vr.volume.volume_id
+        with self._lock:
+            current = self._volumes.get(volume_id)
+            stale = [v for v in dict.fromkeys((vr, current)) if v is not None and v.epoch < epoch]
+            if current in stale:
+                del self._volumes[volume_id]
+        if not stale:
+            return
+        for v in stale:
+            with v._cond:
+                v.fenced = True
+                v._wake_all()
+            v.close(wait=False)  # maybe on the link thread, which a resync may be waiting on
+        self.confirmed_epochs.pop(volume_id, None)
         log(f"{vr.volume.name}: peer {by} holds epoch {epoch} > {vr.epoch}: fenced, now a replica")
-        self.detach(vr.volume, wait=False)  # maybe on the link thread, which a resync may be waiting on
         try:
-            self.engine.fence(vr.volume.volume_id, epoch if isinstance(epoch, int) else vr.epoch + 1)
+            self.engine.fence(volume_id, epoch)
         except Exception as exc:
             log(f"{vr.volume.name}: fencing: {exc}")
 
@@ -1395,9 +1411,10 @@ class Sink:
         self.applied = collections.Counter()  # type name -> count
         self.applied_seq = {}  # repl_id -> seq of the last client write (WRITE, TRIM, ZERO) applied here
         self._persisted_seq = {}  # repl_id -> the applied seq last made durable in the catalog (at a FLUSH)
+        self._floor = {}  # repl_id -> (epoch, seq) of the primary's last session CREATE: older writes refused
         self._volumes = {}  # repl_id -> (Volume opened for the sink, the epoch last checked in the catalog)
         self._cache_lock = threading.Lock()  # the sink thread fills the cache; promotion (drop) empties it
-        self._uncached = set()  # repl_ids promoted here: always looked up in the catalog
+        self._uncached = {}  # repl_id promoted here -> its new epoch: not cached while messages are at or below it
         self._release_after = []  # volumes opened for one message only
         self._auth = None
         self._sock = None
@@ -1538,12 +1555,13 @@ class Sink:
         else:
             volume = self.engine.open(row["name"], replica=True)
         with self._cache_lock:
-            if msg.volume in self._uncached:
+            if msg.epoch <= self._uncached.get(msg.volume, -1):
                 # Being promoted here (drop() ran after our catalog read): apply this one message,
                 # as if it had come a moment earlier, but hold no reference past it.
                 self._volumes.pop(msg.volume, None)
                 keep = False
             else:
+                self._uncached.pop(msg.volume, None)  # superseded since (a newer epoch): a replica again
                 self._volumes[msg.volume] = (volume, msg.epoch)
                 keep = True
         if not keep:
@@ -1581,10 +1599,13 @@ class Sink:
             hashed = block_hashes(data)  # verified here, then reused by the write: hashed once
             if hashed[0].tobytes() != msg.sums:
                 raise _Refuse("checksum mismatch on receipt: refused corrupt data", "corrupt")
+            self._check_floor(msg)
             volume.write(data, msg.offset, bool(msg.flags & rp.FUA), hashed=hashed)
         elif t == rp.TRIM:
+            self._check_floor(msg)
             volume.trim(msg.offset, msg.length, bool(msg.flags & rp.FUA))
         elif t == rp.ZERO:
+            self._check_floor(msg)
             volume.zero(msg.offset, msg.length, bool(msg.flags & rp.FUA))
         elif t == rp.FLUSH:
             volume.flush()
@@ -1614,6 +1635,12 @@ class Sink:
             # Client writes only: a RESYNC carries a new seq but brings a copy up to date, not ahead.
             self.applied_seq[msg.volume] = max(self.applied_seq.get(msg.volume, 0), msg.seq)
         return self._ack(msg)
+
+    def _check_floor(self, msg):
+        floor = self._floor.get(msg.volume)
+        if floor is not None and floor[0] == msg.epoch and msg.seq < floor[1]:
+            raise _Refuse(f"{rp.NAMES[msg.type]} seq {msg.seq} was sent before the primary's session {floor[1]} began "
+                          "(it counts as missed there): not applied over newer data", "stale_seq")
 
     def last_applied(self, repl_id, row):
         """The seq of the last client write this copy applied: in this process, or as of its last flush."""
@@ -1669,15 +1696,19 @@ class Sink:
 
         self.catalog.set_replica_view(row["id"], info.get("state"), int(info.get("min_copies", 1)),
                                       _json.dumps(info.get("copies", [])))
+        if msg.flags & rp.SESSION:
+            # Set, not raised: seqs come from the primary's clock, which a new process (or a new
+            # primary elsewhere) may have behind the last one.
+            self._floor[msg.volume] = (msg.epoch, msg.seq)
         reply = {"created": created, "epoch": msg.epoch, "role": "replica",
                  "applied_seq": self.last_applied(msg.volume, row)}
         return rp.json_message(rp.ACK, reply, volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
 
-    def drop(self, repl_id):
-        """Forget an open replica (it is being promoted here) and never cache it again; returns its
-        Volume if it was open (the caller releases it)."""
+    def drop(self, repl_id, epoch):
+        """Forget an open replica (it is being promoted here, to ``epoch``) and cache it no more until a
+        newer epoch supersedes it; returns its Volume if it was open (the caller releases it)."""
         with self._cache_lock:
-            self._uncached.add(repl_id)
+            self._uncached[repl_id] = epoch
             cached = self._volumes.pop(repl_id, None)
         return cached[0] if cached is not None else None
 

@@ -59,6 +59,8 @@ NAMES = {
 # Flags
 FUA = 1  # make it durable before the ACK
 FULL = 2  # HELLO/RESYNC: the replica lost its copy: full resync
+SESSION = 4  # CREATE: the primary (re)opened its session with this copy: a WRITE, TRIM, ZERO or RESYNC
+#              with an older seq at the same epoch was sent before it, counted as missed, and is refused
 
 _BLOCK_RANGED = {WRITE, RESYNC, SUMS, READ}  # offset and length must be whole blocks
 _NEEDS_DATA = {WRITE, RESYNC}
@@ -122,7 +124,7 @@ def decode(frames):
     if type_ not in NAMES:
         raise ProtocolError(f"unknown message type {type_}")
     name = NAMES[type_]
-    if flags & ~(FUA | FULL):
+    if flags & ~(FUA | FULL | SESSION):
         raise ProtocolError(f"{name}: unknown flags {flags:#x}")
     if type_ in _BLOCK_RANGED and (offset % BLOCK or length % BLOCK):
         raise ProtocolError(f"{name}: range [{offset}, +{length}) is not whole 4 KiB blocks")

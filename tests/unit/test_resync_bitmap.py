@@ -272,3 +272,44 @@ def test_a_deleted_volumes_bitmaps_take_nothing_more(pair):
     primary.engine.delete("v")
     peer.record([4])  # a late answer after the delete
     assert not os.path.exists(path)
+
+
+def test_a_write_from_before_a_reconnect_is_refused_after_it(pair):
+    """A request sent before the link dropped may still sit in the sink's queue for its old connection
+    while the primary reconnects and resyncs over a new one; the primary counted it as missed, so the
+    sink must refuse it after the new session's CREATE, not apply it over newer data (a raw socket
+    delivers that late message here)."""
+    import zmq
+
+    from blockd import checksum
+    from blockd import replproto as rp
+
+    primary, sink, start_primary = pair
+    volume = start_primary()
+    repl = volume.replication
+    peer = repl.peers["b"]
+    volume.write(np.full(4096, 1, np.uint8), 0)
+    volume.flush()
+    old_seq = repl.last_seq()  # a seq from this session
+    link = peer.link
+    link.reset("test: the link drops")
+    _wait_for(lambda: link.up and peer.session_created and peer.state.counts)  # a new session, in sync
+    volume.write(np.full(4096, 2, np.uint8), 0)  # newer data, on both copies
+    volume.flush()
+
+    stale = np.full(4096, 9, np.uint8)
+    sums = np.empty(1, dtype=np.uint64)
+    checksum.hash_blocks(stale, sums)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(sink.address)
+    try:
+        msg = rp.Message(rp.WRITE, volume=repl.repl_id, epoch=repl.epoch, seq=old_seq, offset=0, length=4096,
+                         sums=sums.tobytes(), data=stale.tobytes())
+        sock.send_multipart(rp.encode(msg))
+        assert sock.poll(5000)
+        reply = rp.decode(sock.recv_multipart())
+    finally:
+        sock.close()
+    assert reply.type == rp.NACK and reply.json()["code"] == "stale_seq"
+    assert repl.verify() == {"b": []}  # the replica still holds the newer data
