@@ -88,6 +88,11 @@ class DataDir:
         """The durable set of chunks peer ``peer`` missed for a volume (see replication)."""
         return os.path.join(self.resync_dir, f"{volume_id}.{peer}.log")
 
+    def chunk_list_path(self, volume_id, peer):
+        """Present while ``peer``'s list of chunks is still to be merged into its resync bitmap (after a
+        promotion of a volume too big to compare whole: a chunk only the other copy holds is compared too)."""
+        return os.path.join(self.resync_dir, f"{volume_id}.{peer}.list")
+
     def closed_peer_status(self, volume_id, peer, why):
         """A peer's replication status while its volume is not open here: what its durable resync
         bitmap says (``why``: why nothing better is known)."""

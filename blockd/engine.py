@@ -20,8 +20,10 @@ from .sizes import check_name
 from .store import ChunkStore
 from .volume import Volume
 
-EXPORT_LIST_LIMIT = 1000
-FULL_COMPARE_LIMIT = 256 << 30  # after a promotion, compare every chunk of volumes up to this size; beyond, ours  # nbdkit refuses lists over 10,000; clients attach any name regardless
+EXPORT_LIST_LIMIT = 1000  # nbdkit refuses lists over 10,000; clients attach any name regardless
+# After a promotion, every chunk of a volume up to this size is compared with each other copy; beyond it,
+# the chunks either side holds (ours now, the peer's at first contact).  BLOCKD_FULL_COMPARE_LIMIT overrides.
+FULL_COMPARE_LIMIT = 256 << 30
 
 
 class _Open:
@@ -375,10 +377,17 @@ class Engine:
         # Every other copy gets compared chunk by chunk on first contact.
         size = new["size"]
         chunk = new["chunk_size"]
-        if size <= FULL_COMPARE_LIMIT:
+        if size <= int(os.environ.get("BLOCKD_FULL_COMPARE_LIMIT", FULL_COMPARE_LIMIT)):
             chunks = range(0, (size + chunk - 1) // chunk)
         else:
+            # Ours, and (asked at first contact, before the resync compares) every chunk the peer holds:
+            # a chunk only the old primary wrote, or only this copy trimmed, exists on one side only.
             chunks = ChunkStore(self.files, self.datadir.volume_path(new["id"]), chunk).chunk_indexes()
+            for peer in peer_names:
+                fd = os.open(self.datadir.chunk_list_path(new["id"], peer), os.O_WRONLY | os.O_CREAT, 0o600)
+                os.close(fd)
+            if peer_names:
+                self.files.fsync_dir(self.datadir.resync_dir)
         from .intent import IntentLog
 
         for peer in peer_names:

@@ -71,6 +71,27 @@ def _call(callback, ok, reply):
         log(f"answer callback failed: {type(exc).__name__}: {exc}")
 
 
+def _nack_body(reply):
+    """A NACK's JSON ({"error", "code", ...}), or {} for anything else."""
+    if isinstance(reply, rp.Message) and reply.type == rp.NACK:
+        try:
+            return reply.json()
+        except rp.ProtocolError:
+            pass
+    return {}
+
+
+def _nack_code(reply):
+    return _nack_body(reply).get("code")
+
+
+def _reason(reply):
+    """Why a request failed, for a log line: a NACK's error, or the link's reason."""
+    if isinstance(reply, str):
+        return reply
+    return _nack_body(reply).get("error") or "refused"
+
+
 def curve_client(sock, keys, server_public):
     public, secret = keys
     sock.curve_publickey = public
@@ -1059,8 +1080,40 @@ class VolumeReplication:
             return False, "timeout"
         return out["ok"], out["reply"]
 
+    def _merge_peer_chunks(self, name, ps):
+        """After a promotion of a volume too big to compare whole, the chunks the peer holds join its
+        bitmap before the first resync compares anything (promotion put ours there).  Raises
+        _ResyncAborted if the peer cannot answer now (tried again at the next resync)."""
+        marker = self.manager.datadir.chunk_list_path(self.volume.volume_id, name)
+        if not os.path.exists(marker):
+            return
+        msg = rp.Message(rp.CHUNKS, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq())
+        ok, reply = self._request(ps, msg, timeout=max(30.0, self.settings.ack_timeout * 3))
+        total = (self.volume.size + self.volume.chunk_size - 1) // self.volume.chunk_size
+        if ok:
+            chunks = [c for c in np.frombuffer(reply.sums, dtype="<u8").tolist() if c < total]
+        elif isinstance(reply, rp.Message) and reply.type == rp.NACK and _nack_code(reply) == "too_many":
+            chunks = range(total)  # too many to list: compare every chunk
+        else:
+            log(f"{self.volume.name}: listing {name}'s chunks: {_reason(reply)}")
+            raise _ResyncAborted()
+        ps.record(chunks)
+        os.unlink(marker)
+        log(f"{self.volume.name}: {name} holds {len(chunks)} chunk(s): compared with ours")
+
     def _resync(self, name, ps):
         volume = self.volume
+        try:
+            self._merge_peer_chunks(name, ps)
+        except (_ResyncAborted, OSError) as exc:
+            if isinstance(exc, OSError):
+                log(f"{volume.name}: merging {name}'s chunk list: {exc}")
+            self._missed(name, ps, set(), "its chunk list could not be merged", reset=False)
+            with self._cond:
+                self._wake_all()
+                if ps.resync_thread is threading.current_thread():
+                    ps.resync_thread = None
+            return
         chunks = ps.pending_chunks()
         ps.resync_total = len(chunks)
         ps.resync_done = 0
@@ -1620,6 +1673,12 @@ class Sink:
             if cached is not None:
                 self.engine.release(volume)
             self.engine.delete(volume.name, force=True)
+        elif t == rp.CHUNKS:
+            store = volume.store
+            held = sorted(set(store.chunk_indexes()) | set(store.intent.chunks))
+            if len(held) * 8 > rp.MAX_DATA:
+                raise _Refuse(f"{len(held)} chunks: too many to list", "too_many")
+            return self._ack(msg, sums=np.asarray(held, dtype="<u8").tobytes())
         elif t == rp.SUMS:
             if msg.offset + msg.length > volume.size:
                 raise _Refuse("range past the end", "range")

@@ -457,6 +457,35 @@ def test_failover_promote_then_the_old_primary_is_fenced_and_resynced(cluster):
     hb.shutdown()
 
 
+def test_after_promoting_a_big_volume_a_chunk_only_the_old_primary_holds_is_compared(cluster, monkeypatch):
+    """Above BLOCKD_FULL_COMPARE_LIMIT a promotion compares the chunks either copy holds, not every
+    chunk: a chunk only the old primary wrote (never acknowledged by the new one) must be among them."""
+    monkeypatch.setenv("BLOCKD_FULL_COMPARE_LIMIT", "0")  # every volume is "big" (servers and CLI inherit it)
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
+    h = start_in_sync(a, [b], "v", 1, 4096)
+    b.server.kill9()
+    wait_for(lambda: replication(a, "v")["peers"]["b"]["state"] == "out_of_sync", 30, what="a to miss b")
+    a.cli("volume", "set", "v", "--min-copies", "1", check=True)
+    h.pwrite(b"only on a" * 455 + b"o", 5 * CHUNK)  # a new chunk b never gets
+    h.flush()
+    a.server.kill9()
+    b.start()
+    out = js(b.cli("volume", "promote", "v", "--force", "--json"))
+    assert out["epoch"] == 2
+    b.cli("volume", "set", "v", "--min-copies", "1", check=True)
+    hb = b.connect("v")
+    hb.pwrite(b"new on b" * 512, 9 * CHUNK)
+    hb.flush()
+    a.start()  # fenced by b's epoch at first contact, then resynced from b
+    wait_for(lambda: js(a.cli("volume", "show", "v", "--json"))["role"] == "replica", 60, what="a fenced")
+    wait_in_sync(b, "v", timeout=120)
+    assert verify(b, "v")["identical"]  # chunk 5 too: compared, and b's (a hole) won
+    assert hb.pread(4096, 5 * CHUNK) == bytes(4096)
+    hb.shutdown()
+    h.shutdown()
+
+
 def test_promotion_of_an_out_of_sync_copy_is_refused_without_force(cluster):
     a, b = cluster(2)
     a.server.extra += ["--resync-rate", "0.5"]  # a slow resync, so it is still running when a dies
