@@ -9,17 +9,38 @@ nbdkit would otherwise build and delete one per request).  Usually
 started by ``blockd serve``, which takes the data-dir lock and passes it on.
 """
 
+import traceback
+
 import nbdkit
 
 from blockd import nbd_adapter as blockd
+from blockd.errors import BlockdError
 from blockd.pythreads import keep as _keep_thread_state
 
 API_VERSION = 2
+
+_format_exception = traceback.format_exception
+
+
+def _format_exception_for_nbdkit(exc, *args, **kwargs):
+    """nbdkit logs a failed callback with ``traceback.format_exception(type, value, tb)``.  An error
+    blockd expects (a full disk, a read-only, failed or deleted volume, an I/O error) is one line
+    naming it, not a Python traceback; anything else (a bug) keeps its traceback."""
+    value = args[0] if args else kwargs.get("value", exc)
+    if getattr(value, "blockd_expected", False):
+        return [f"{type(value).__name__}: {value}\n"]
+    return _format_exception(exc, *args, **kwargs)
+
+
+traceback.format_exception = _format_exception_for_nbdkit
 
 
 def _fail(context, exc):
     err = blockd.to_error(context, exc)
     nbdkit.set_error(err.errno)
+    if isinstance(exc, (BlockdError, OSError)):
+        err.blockd_expected = True
+        raise err from None
     raise err
 
 

@@ -72,6 +72,9 @@ def test_delete_force_while_attached_cuts_the_connection(server, data_dir, cli):
     with pytest.raises(nbd.Error):
         h.pwrite(b"y" * 4096, 0)
     h.shutdown()
+    # An expected error is one log line naming it, not a Python traceback.
+    wait_for(lambda: "pwrite: error: VolumeFailed: vol0: volume was deleted" in server.log(), 10, what="the log line")
+    assert "Traceback" not in server.log()
     # A new volume of the same name is a new, empty volume.
     cli("volume", "create", "vol0", "--size", "64MiB", check=True)
     h2 = server.connect("vol0")
