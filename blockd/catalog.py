@@ -583,6 +583,10 @@ class Catalog:
     def count_volumes(self):
         return self._query("SELECT COUNT(*) FROM volumes")[0][0]
 
+    def count_replicas(self):
+        """Replica copies held here for other nodes' primaries."""
+        return self._query("SELECT COUNT(*) FROM volumes WHERE role = 'replica'")[0][0]
+
     def set_credits(self, name, credits, at=None):
         """Record a burst balance (as of wall time ``at``); the server persists its live one the same way."""
         with self.transaction() as db:

@@ -190,6 +190,7 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
     catalog = datadir.catalog()
     try:
         count = catalog.count_volumes()
+        replicas = catalog.count_replicas()
         names = catalog.volume_names(URI_LIST_MAX) if count <= URI_LIST_MAX else []
     finally:
         catalog.close()
@@ -203,8 +204,10 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
     if count <= URI_LIST_MAX:
         for name in names:
             print(f"{name} {uri(listen, name)}", file=out)
-        if not names:
+        if not names and not replicas:
             print(f"no volumes yet: blockd volume create NAME --size SIZE, then attach {uri(listen, 'NAME')}", file=out)
+        elif not names:
+            print("no volumes to export yet (replicas are exported only once promoted here)", file=out)
     else:
         print(f"{count} volumes: {uri(listen, 'NAME')}", file=out)
     if metrics is not None:
@@ -212,7 +215,8 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
         print(f"metrics http://{host}:{metrics[1]}/metrics", file=out)
     if "replication_listen" in replication:
         mode = "insecure (no CurveZMQ)" if replication.get("insecure_replication") == "1" else "CurveZMQ"
-        print(f"replication sink {replication['replication_listen']} ({mode})", file=out)
+        held = f"; holds {replicas} replica cop{'y' if replicas == 1 else 'ies'} for peers" if replicas else ""
+        print(f"replication sink {replication['replication_listen']} ({mode}){held}", file=out)
     out.flush()
     set_cpu_policy(cpu_policy)
     os.execve(nbdkit, cmd, env)

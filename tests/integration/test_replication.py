@@ -501,6 +501,7 @@ def test_promotion_of_an_out_of_sync_copy_is_refused_without_force(cluster):
         h.pwrite(os.urandom(4096), i * CHUNK)  # b misses these
     h.flush()
     b.start()
+    assert "holds 1 replica copy for peers" in b.server.log()  # the banner counts what it is not exporting
     wait_for(lambda: replication(b, "v")["sync_state"] == "out_of_sync", 30, what="b told it is behind")
     a.server.kill9()
     refused = b.cli("volume", "promote", "v")
