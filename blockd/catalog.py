@@ -15,7 +15,7 @@ from .errors import BadInput, BlockdError, NotFound, Refused
 from .geometry import DEFAULT_CHUNK_SIZE
 from .sizes import check_name, check_volume_size, format_size
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 DEFAULT_POOL = "default"
 MAX_LOGICAL_LIMIT = 2**63 - 1  # SQLite integers are signed 64-bit
 BUSY_TIMEOUT_SECONDS = 30  # a CLI waiting on a long provisioning transaction
@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS volumes (
     min_copies INTEGER NOT NULL DEFAULT 1,  -- copies a write needs before it is acknowledged
     sync_state TEXT,                   -- replica: in_sync/out_of_sync as its primary last said
     copies     TEXT,                   -- replica: JSON list of every copy {name, key, address} as the primary knows them
-    applied_seq INTEGER NOT NULL DEFAULT 0  -- replica: the last client write's seq applied here, as of its last flush
+    applied_seq INTEGER NOT NULL DEFAULT 0,   -- replica: the last client write applied here (its seq,
+    applied_epoch INTEGER NOT NULL DEFAULT 0  --   and the epoch it came at), as of its last flush
 );
 CREATE UNIQUE INDEX IF NOT EXISTS volumes_repl_id ON volumes(repl_id);
 CREATE TABLE IF NOT EXISTS peers (
@@ -105,6 +106,9 @@ MIGRATIONS = {
     ],
     5: [
         "ALTER TABLE volumes ADD COLUMN applied_seq INTEGER NOT NULL DEFAULT 0",
+    ],
+    6: [
+        "ALTER TABLE volumes ADD COLUMN applied_epoch INTEGER NOT NULL DEFAULT 0",
     ],
 }
 
@@ -417,17 +421,24 @@ class Catalog:
                        "ELSE sync_state END WHERE id=?", (epoch, role, volume_id))
 
     def adopt_epoch(self, volume_id, epoch):
-        """A copy promoted elsewhere announced ``epoch``: this copy is a replica at that epoch, and in no
-        known sync state until the new primary says (it cannot be promoted without --force until then)."""
+        """A newer epoch reached this copy (a promotion elsewhere announced it, or its primary's message
+        carries it): it is a replica at that epoch.  A primary here is thereby fenced, with no known sync
+        state; a replica keeps what its primary last said (a refused promotion must not make a good copy
+        unpromotable).  False if the copy already holds that epoch or a newer one."""
         with self.transaction() as db:
-            cur = db.execute("UPDATE volumes SET epoch=?, role='replica', sync_state=NULL WHERE id=? AND epoch<?",
+            cur = db.execute("UPDATE volumes SET epoch=?, role='replica', sync_state=CASE WHEN role='primary' OR "
+                             "sync_state='promoted' THEN NULL ELSE sync_state END WHERE id=? AND epoch<?",
                              (epoch, volume_id, epoch))
             return cur.rowcount > 0
 
-    def set_applied_seq(self, volume_id, seq):
-        """A replica's last applied client write, made durable by a flush (promotion compares them)."""
+    def set_applied(self, volume_id, position):
+        """A replica's last applied client write, (epoch, seq), made durable by a flush (promotion
+        compares them: epoch first, since each primary's seqs come from its own clock)."""
+        epoch, seq = position
         with self.transaction() as db:
-            db.execute("UPDATE volumes SET applied_seq=MAX(applied_seq, ?) WHERE id=?", (seq, volume_id))
+            db.execute("UPDATE volumes SET applied_epoch=?, applied_seq=? WHERE id=? AND "
+                       "(applied_epoch < ? OR (applied_epoch = ? AND applied_seq < ?))",
+                       (epoch, seq, volume_id, epoch, epoch, seq))
 
     def clear_promoted(self, volume_id):
         with self.transaction() as db:
@@ -470,9 +481,12 @@ class Catalog:
 
     def set_min_copies(self, name, min_copies):
         with self.transaction() as db:
-            row = db.execute("SELECT id, repl_id FROM volumes WHERE name=?", (name,)).fetchone()
+            row = db.execute("SELECT id, repl_id, role, epoch FROM volumes WHERE name=?", (name,)).fetchone()
             if row is None:
                 raise NotFound(f"unknown volume {name!r}")
+            if row[2] == "replica":
+                raise Refused(f"volume {name} is a replica here (epoch {row[3]}): --min-copies is set on its primary, "
+                              "or after `blockd volume promote`")
             copies = 1 + db.execute("SELECT COUNT(*) FROM volume_replicas WHERE volume_id=?", (row[0],)).fetchone()[0]
             if isinstance(min_copies, bool) or not isinstance(min_copies, int) or not 1 <= min_copies <= copies:
                 raise BadInput(f"invalid --min-copies {min_copies}: volume {name} has {copies} cop{'y' if copies == 1 else 'ies'}")

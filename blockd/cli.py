@@ -462,7 +462,11 @@ def _print_show(info):
     print(f"burst_balance: {info['burst_balance']:.1f}%{credits}")
     repl = info.get("replication")
     if repl:
-        print(f"replication: {repl['role']}, epoch {repl['epoch']}, min copies {repl['min_copies']}"
+        as_replica = ""
+        if repl["role"] == "replica":
+            as_replica = (f", {repl.get('sync_state') or 'sync state not yet known'} (as its primary last said), "
+                          f"last applied write epoch {repl.get('applied_epoch', 0)} seq {repl.get('applied_seq', 0)}")
+        print(f"replication: {repl['role']}, epoch {repl['epoch']}, min copies {repl['min_copies']}" + as_replica
               + (", FENCED" if repl.get("fenced") else ""))
         for peer, st in repl["peers"].items():
             extra = ""

@@ -88,6 +88,23 @@ class DataDir:
         """The durable set of chunks peer ``peer`` missed for a volume (see replication)."""
         return os.path.join(self.resync_dir, f"{volume_id}.{peer}.log")
 
+    def applied_path(self, volume_id):
+        """A replica's last applied client write, (epoch, seq) as two little-endian u64s, rewritten in
+        place after each one (no sync: as durable as the data it stands for; the catalog has it as of
+        the last flush, durably)."""
+        return os.path.join(self.volume_path(volume_id), "applied")
+
+    def applied_position(self, volume_id):
+        """(epoch, seq) from the applied file, or (0, 0) if there is none (or it is torn)."""
+        try:
+            with open(self.applied_path(volume_id), "rb") as f:
+                raw = f.read(16)
+        except OSError:
+            return (0, 0)
+        if len(raw) != 16:
+            return (0, 0)
+        return (int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"))
+
     def chunk_list_path(self, volume_id, peer):
         """Present while ``peer``'s list of chunks is still to be merged into its resync bitmap (after a
         promotion of a volume too big to compare whole: a chunk only the other copy holds is compared too)."""

@@ -13,7 +13,7 @@ import threading
 import time
 
 from . import voltypes
-from .errors import Busy, NotFound, Refused
+from .errors import BadInput, Busy, NotFound, Refused
 from .qos import Admission
 from .fileio import OsFiles
 from .sizes import check_name
@@ -230,11 +230,10 @@ class Engine:
         if row["role"] == "replica":
             import json
 
-            sink = self.sink
             return {"role": "replica", "repl_id": row["repl_id"], "epoch": row["epoch"],
                     "min_copies": row["min_copies"], "sync_state": row["sync_state"],
                     "copies": len(json.loads(row["copies"] or "[]")), "fenced": False, "peers": {},
-                    "applied_seq": sink.last_applied(row["repl_id"], row) if sink is not None else row["applied_seq"]}
+                    "applied_epoch": self._applied(row)[0], "applied_seq": self._applied(row)[1]}
         with self._lock:
             entry = self._open.get(row["id"])
         vr = entry.volume.replication if entry is not None else None
@@ -309,6 +308,11 @@ class Engine:
         own = own_key
         if self.replication is not None and self.replication.keys:
             own = self.replication.keys[0].decode()
+        limit_text = os.environ.get("BLOCKD_FULL_COMPARE_LIMIT")
+        try:
+            compare_limit = FULL_COMPARE_LIMIT if limit_text is None else int(limit_text)
+        except ValueError:
+            raise BadInput(f"invalid BLOCKD_FULL_COMPARE_LIMIT {limit_text!r}: a number of bytes") from None
         reasons = []
         if row["sync_state"] != "in_sync":
             reasons.append(f"its primary last reported it {row['sync_state'] or 'not yet in sync'}")
@@ -319,18 +323,12 @@ class Engine:
             if st and st.get("role") == "primary" and (st.get("epoch", 0) > row["epoch"] or (
                     st.get("epoch", 0) == row["epoch"] and addr not in my_primary)):
                 reasons.append(f"the copy at {addr} is already the primary at epoch {st['epoch']} (promoted there)")
-        if copies and row["min_copies"] < len(copies):
-            # Writes did not need every copy: another survivor may hold acknowledged writes this one
-            # lacks.  Ask them (their sinks); promote only the most up-to-date one.
-            mine = self.sink.last_applied(row["repl_id"], row) if self.sink is not None else (row["applied_seq"] or 0)
-            ahead = [(addr, st) for addr, st in answers.items()
-                     if st and st.get("role") == "replica" and st.get("applied_seq", 0) > mine]
-            if ahead:
-                addr, st = max(ahead, key=lambda a: a[1]["applied_seq"])
-                which = ("promote that one" if st.get("sync_state") == "in_sync"
-                         else f"though {st.get('sync_state') or 'not known to be in sync'} there: no copy is known "
-                              "to hold every acknowledged write")
-                reasons.append(f"the copy at {addr} applied later writes (seq {st['applied_seq']} > {mine}): {which}")
+        partial = bool(copies) and row["min_copies"] < len(copies)  # writes did not need every copy
+        mine = self._applied(row)
+        if partial:
+            # Another survivor may hold acknowledged writes this one lacks.  Ask them (their sinks);
+            # promote only the most up-to-date one.
+            reasons += self._ahead(answers, mine)
             unknown = [c["address"] for c in others if answers.get(c.get("address")) is None]
             # An acknowledged write is on at least min_copies copies; the ones that answered are covered
             # (this copy is in sync and at least as far along), so it can be missing here only if
@@ -347,6 +345,14 @@ class Engine:
         if others and survivors is not None:
             # Announce it before taking it: a copy that holds it refuses the old primary's writes.
             taken = survivors(others, row["repl_id"], epoch=epoch)
+            late = self._ahead(taken, mine) if partial else []
+            if late:
+                # Acknowledged by the old primary between the first question and the announcement.
+                if not force:
+                    raise Refused(f"refusing to promote {name}: " + "; ".join(late) + f"; those copies now hold "
+                                  f"epoch {epoch} (the old primary is fenced where it meets them); --force "
+                                  "promotes this one anyway (acknowledged writes may be lost)")
+                reasons += late
             holders = 1 + sum(1 for st in taken.values() if st and st.get("epoch") == epoch)
             needed = len(copies) - row["min_copies"] + 1
             if holders < needed:
@@ -372,31 +378,65 @@ class Engine:
                 volume = None
         if volume is not None:
             self.release(volume)
-        self._drop_bitmaps(row["id"])  # any left from an earlier life as the primary here: rewritten below
-        new = self.catalog.promote(name, peer_names, epoch)
-        # Every other copy gets compared chunk by chunk on first contact.
-        size = new["size"]
-        chunk = new["chunk_size"]
-        if size <= int(os.environ.get("BLOCKD_FULL_COMPARE_LIMIT", FULL_COMPARE_LIMIT)):
+        # Every other copy gets compared chunk by chunk on first contact: its bitmap is filled before the
+        # catalog makes this copy the primary (a crash in between leaves a replica, never a primary
+        # whose peers would open as in sync).
+        size, chunk = row["size"], row["chunk_size"]
+        if size <= compare_limit:
             chunks = range(0, (size + chunk - 1) // chunk)
         else:
             # Ours, and (asked at first contact, before the resync compares) every chunk the peer holds:
             # a chunk only the old primary wrote, or only this copy trimmed, exists on one side only.
-            chunks = ChunkStore(self.files, self.datadir.volume_path(new["id"]), chunk).chunk_indexes()
+            chunks = ChunkStore(self.files, self.datadir.volume_path(row["id"]), chunk).chunk_indexes()
             for peer in peer_names:
-                fd = os.open(self.datadir.chunk_list_path(new["id"], peer), os.O_WRONLY | os.O_CREAT, 0o600)
+                fd = os.open(self.datadir.chunk_list_path(row["id"], peer), os.O_WRONLY | os.O_CREAT, 0o600)
                 os.close(fd)
-            if peer_names:
-                self.files.fsync_dir(self.datadir.resync_dir)
-        from .intent import IntentLog
-
+        self._drop_bitmaps(row["id"])  # any left from an earlier life as the primary here
         for peer in peer_names:
-            log = IntentLog(self.files, self.datadir.resync_path(new["id"], peer))
-            log.load()
-            log.add(list(chunks))
-            log.close()
+            self._add_to_bitmap(row["id"], peer, chunks)
+        if peer_names:
+            self.files.fsync_dir(self.datadir.resync_dir)
+        new = self.catalog.promote(name, peer_names, epoch)
         return {"name": name, "epoch": new["epoch"], "replicas": peer_names, "forced": bool(reasons),
                 "warnings": reasons, "min_copies": new["min_copies"]}
+
+    def _applied(self, row):
+        """This replica copy's last applied client write, (epoch, seq)."""
+        if self.sink is not None:
+            return self.sink.last_applied(row["repl_id"], row)
+        return max((row["applied_epoch"] or 0, row["applied_seq"] or 0), self.datadir.applied_position(row["id"]))
+
+    @staticmethod
+    def _ahead(answers, mine):
+        """Why another copy may hold acknowledged writes this one lacks: a replica whose last applied
+        client write, (epoch, seq), is later than ours."""
+        pos = lambda st: (st.get("applied_epoch", 0), st.get("applied_seq", 0))  # noqa: E731
+        ahead = [(addr, st) for addr, st in answers.items() if st and st.get("role") == "replica" and pos(st) > mine]
+        if not ahead:
+            return []
+        addr, st = max(ahead, key=lambda a: pos(a[1]))
+        which = ("promote that one" if st.get("sync_state") == "in_sync"
+                 else f"though {st.get('sync_state') or 'not known to be in sync'} there: no copy is known "
+                      "to hold every acknowledged write")
+        return [f"the copy at {addr} applied later writes (epoch {pos(st)[0]} seq {pos(st)[1]} > epoch {mine[0]} "
+                f"seq {mine[1]}): {which}"]
+
+    def _add_to_bitmap(self, volume_id, peer, chunks):
+        """Durably add chunks to a peer's resync bitmap, through the replication manager's shared one
+        when this process replicates (one object per file)."""
+        if self.replication is not None:
+            bitmap = self.replication.bitmap(volume_id, peer)
+            with bitmap.lock:
+                bitmap.log.add(sorted(chunks))
+            return
+        from .intent import IntentLog
+
+        log = IntentLog(self.files, self.datadir.resync_path(volume_id, peer))
+        log.load()
+        try:
+            log.add(sorted(chunks))
+        finally:
+            log.close()
 
     def _force_confirm(self, row):
         """`promote --force` on the primary: its replicas are gone, so none can confirm its epoch after

@@ -880,6 +880,14 @@ class VolumeReplication:
                     ticket.failed[name] = ps.generation
                     self._wake_all()
                 return
+            if code == "stale_seq":
+                # Sent before the peer's current session began and delivered after it (an old
+                # connection): a miss like any other, but the link is fine: no reset (it is shared by
+                # every volume on that peer), resynced over it.
+                self._missed(name, ps, chunks, "refused as older than its session", ticket=ticket, reset=False)
+                if ps.link.up:
+                    self.start_resync(name)
+                return
             self._missed(name, ps, chunks, reply if isinstance(reply, str) else f"refused ({code})", ticket=ticket)
 
         return answered
@@ -1195,13 +1203,17 @@ class VolumeReplication:
             else:
                 data = np.empty(length, dtype=np.uint8)
                 volume.read_locked(data, offset)
-                ok, reply = self._request(
-                    ps,
-                    rp.Message(rp.RESYNC, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq(),
-                               offset=offset, length=length, flags=rp.FUA, sums=local_sums.tobytes(),
-                               data=data.tobytes()),
-                    timeout=max(self.settings.ack_timeout * 3, 10.0),
-                )
+                for _attempt in range(2):
+                    ok, reply = self._request(
+                        ps,
+                        rp.Message(rp.RESYNC, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq(),
+                                   offset=offset, length=length, flags=rp.FUA, sums=local_sums.tobytes(),
+                                   data=data.tobytes()),
+                        timeout=max(self.settings.ack_timeout * 3, 10.0),
+                    )
+                    # Its seq was taken before a new session's CREATE and sent after it: again, newer.
+                    if ok or _nack_code(reply) != "stale_seq":
+                        break
                 if not ok:
                     return False
                 ps.resynced_bytes += length
@@ -1414,7 +1426,8 @@ class Manager:
                 v.fenced = True
                 v._wake_all()
             v.close(wait=False)  # maybe on the link thread, which a resync may be waiting on
-        self.confirmed_epochs.pop(volume_id, None)
+        if self.confirmed_epochs.get(volume_id, epoch) < epoch:
+            del self.confirmed_epochs[volume_id]  # not a newer confirmation (an open promoted since)
         log(f"{vr.volume.name}: peer {by} holds epoch {epoch} > {vr.epoch}: fenced, now a replica")
         try:
             self.engine.fence(volume_id, epoch)
@@ -1462,9 +1475,10 @@ class Sink:
         self.ctx = None  # created in start(), after nbdkit forks
         self.refused = collections.Counter()  # reason -> count
         self.applied = collections.Counter()  # type name -> count
-        self.applied_seq = {}  # repl_id -> seq of the last client write (WRITE, TRIM, ZERO) applied here
+        self.applied_seq = {}  # repl_id -> (epoch, seq) of the last client write (WRITE, TRIM, ZERO) applied here
         self._persisted_seq = {}  # repl_id -> the applied seq last made durable in the catalog (at a FLUSH)
         self._floor = {}  # repl_id -> (epoch, seq) of the primary's last session CREATE: older writes refused
+        self._applied_fds = {}  # repl_id -> fd of the volume's applied file (DataDir.applied_path)
         self._volumes = {}  # repl_id -> (Volume opened for the sink, the epoch last checked in the catalog)
         self._cache_lock = threading.Lock()  # the sink thread fills the cache; promotion (drop) empties it
         self._uncached = {}  # repl_id promoted here -> its new epoch: not cached while messages are at or below it
@@ -1579,6 +1593,7 @@ class Sink:
 
     def _forget(self, repl_id):
         """Drop a cached replica and the engine reference it held (the next message looks it up again)."""
+        self._close_applied(repl_id)
         with self._cache_lock:
             cached = self._volumes.pop(repl_id, None)
         if cached is not None:
@@ -1640,9 +1655,10 @@ class Sink:
                 self.catalog.adopt_epoch(row["id"], msg.epoch)
                 self._forget(msg.volume)  # the cached entry holds the old epoch
                 row = self.catalog.volume_by_repl_id(msg.volume)
+            applied = self.last_applied(msg.volume, row)
             return rp.json_message(rp.ACK, {"epoch": row["epoch"], "role": row["role"],
                                             "sync_state": row["sync_state"],
-                                            "applied_seq": self.last_applied(msg.volume, row)},
+                                            "applied_epoch": applied[0], "applied_seq": applied[1]},
                                    volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
         volume = self._volume(msg)
         if t == rp.WRITE or t == rp.RESYNC:
@@ -1662,12 +1678,14 @@ class Sink:
             volume.zero(msg.offset, msg.length, bool(msg.flags & rp.FUA))
         elif t == rp.FLUSH:
             volume.flush()
-            seq = self.applied_seq.get(msg.volume, 0)
-            if seq > self._persisted_seq.get(msg.volume, 0):
+            applied = self.applied_seq.get(msg.volume, (0, 0))
+            if applied > self._persisted_seq.get(msg.volume, (0, 0)):
                 # Durable with the data it stands for: what promotion compares after a restart here.
-                self.catalog.set_applied_seq(volume.volume_id, seq)
-                self._persisted_seq[msg.volume] = seq
+                self.catalog.set_applied(volume.volume_id, applied)
+                self._persisted_seq[msg.volume] = applied
         elif t == rp.DELETE:
+            self._close_applied(msg.volume)
+            self.applied_seq.pop(msg.volume, None)
             with self._cache_lock:
                 cached = self._volumes.pop(msg.volume, None)
             if cached is not None:
@@ -1692,8 +1710,33 @@ class Sink:
         self.applied[rp.NAMES[t]] += 1
         if t == rp.WRITE or t == rp.TRIM or t == rp.ZERO:
             # Client writes only: a RESYNC carries a new seq but brings a copy up to date, not ahead.
-            self.applied_seq[msg.volume] = max(self.applied_seq.get(msg.volume, 0), msg.seq)
+            self._note_applied(volume, msg)
         return self._ack(msg)
+
+    def _note_applied(self, volume, msg):
+        """Remember the last client write applied, in memory and in the volume's applied file (a
+        restart after kill -9 keeps the page cache, so the data, and must keep this with it)."""
+        pos = (msg.epoch, msg.seq)
+        if pos <= self.applied_seq.get(msg.volume, (0, 0)):
+            return
+        self.applied_seq[msg.volume] = pos
+        try:
+            fd = self._applied_fds.get(msg.volume)
+            if fd is None:
+                fd = os.open(self.engine.datadir.applied_path(volume.volume_id),
+                             os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._applied_fds[msg.volume] = fd
+            os.pwrite(fd, pos[0].to_bytes(8, "little") + pos[1].to_bytes(8, "little"), 0)
+        except OSError as exc:
+            # Only promotion reads it: an older value makes this copy look behind (refused, not wrong).
+            self.refused["applied_file"] += 1
+            if self.refused["applied_file"] == 1:
+                log(f"sink: {volume.name}: recording the last applied write: {exc}")
+
+    def _close_applied(self, repl_id):
+        fd = self._applied_fds.pop(repl_id, None)
+        if fd is not None:
+            os.close(fd)
 
     def _check_floor(self, msg):
         floor = self._floor.get(msg.volume)
@@ -1703,7 +1746,8 @@ class Sink:
 
     def last_applied(self, repl_id, row):
         """The seq of the last client write this copy applied: in this process, or as of its last flush."""
-        return max(self.applied_seq.get(repl_id, 0), row["applied_seq"] or 0)
+        return max(self.applied_seq.get(repl_id, (0, 0)), (row["applied_epoch"] or 0, row["applied_seq"] or 0),
+                   self.engine.datadir.applied_position(row["id"]))
 
     def _supersede(self, row, epoch):
         """A message at a newer epoch for a volume that is the primary here: a copy was promoted elsewhere.
@@ -1759,8 +1803,9 @@ class Sink:
             # Set, not raised: seqs come from the primary's clock, which a new process (or a new
             # primary elsewhere) may have behind the last one.
             self._floor[msg.volume] = (msg.epoch, msg.seq)
-        reply = {"created": created, "epoch": msg.epoch, "role": "replica",
-                 "applied_seq": self.last_applied(msg.volume, row)}
+        applied = self.last_applied(msg.volume, row)
+        reply = {"created": created, "epoch": msg.epoch, "role": "replica", "applied_epoch": applied[0],
+                 "applied_seq": applied[1]}
         return rp.json_message(rp.ACK, reply, volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
 
     def drop(self, repl_id, epoch):

@@ -376,7 +376,7 @@ def test_catalog_format_1_is_upgraded_in_place(tmp_path, capsys):
     assert [(v["name"], v["size"], v["iops"]) for v in vols] == [("old1", GiB, None), ("old2", 2 * GiB, None)]
     assert ok_json(capsys, d, "capacity", "show")["logical_provisioned"] == 3 * GiB
     cat = Catalog(str(d / "catalog.db"))
-    assert cat._version() == FORMAT_VERSION == 6
+    assert cat._version() == FORMAT_VERSION == 7
     cat.close()
     check_catalog(d)
 

@@ -313,3 +313,24 @@ def test_a_write_from_before_a_reconnect_is_refused_after_it(pair):
         sock.close()
     assert reply.type == rp.NACK and reply.json()["code"] == "stale_seq"
     assert repl.verify() == {"b": []}  # the replica still holds the newer data
+
+
+@pytest.mark.parametrize("pair", [2], indirect=True)
+def test_a_write_refused_as_older_than_the_session_is_resynced_without_resetting_the_link(pair):
+    """A request whose seq was taken before the peer's current session began, delivered after it, is
+    refused there (stale_seq): a miss, resynced over the link it has, which is not reset (every volume
+    on that peer shares it).  The sink's floor is set just past the next seq, as a session CREATE
+    queued a moment earlier would."""
+    primary, sink, start_primary = pair
+    volume = start_primary()
+    repl = volume.replication
+    peer = repl.peers["b"]
+    volume.write(np.full(4096, 1, np.uint8), 0)
+    volume.flush()
+    failures = peer.link.failures
+    sink._floor[repl.repl_id] = (repl.epoch, repl.last_seq() + 2)
+    volume.write(np.full(4096, 2, np.uint8), 0)  # seq last + 1: refused, resynced, then 2 copies
+    assert sink.refused["stale_seq"] == 1
+    _wait_for(lambda: peer.state.counts and not peer.pending_chunks())
+    assert peer.link.failures == failures
+    assert repl.verify() == {"b": []}

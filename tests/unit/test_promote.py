@@ -1,0 +1,87 @@
+"""Promotion's decisions on one node: a real engine and SQLite catalog holding a replica copy.  The
+other copies' answers come from a stand-in for `query_copies` (the STATE round trips to their sinks):
+the interleavings tested here (a write acknowledged between two questions) cannot be timed with real
+nodes; tests/integration/test_replication.py promotes across real processes."""
+
+import json
+import os
+
+import pytest
+
+from blockd.errors import BadInput, Refused
+from blockd.intent import IntentLog
+from blockd.fileio import OsFiles
+from enginekit import Rig
+
+OTHERS = [{"name": "b", "key": "KB", "address": "tcp://127.0.0.1:1"},
+          {"name": "c", "key": "KC", "address": "tcp://127.0.0.1:2"}]
+PRIMARY = {"name": None, "key": "KA", "address": "tcp://127.0.0.1:3"}
+
+
+@pytest.fixture
+def replica(tmp_path):
+    """Copy b of a 3-copy volume (min copies 2), in sync, whose last applied write was epoch 1 seq 100."""
+    rig = Rig(tmp_path / "b")
+    cat = rig.engine.catalog
+    for name, key in (("a", "KA"), ("c", "KC")):
+        cat.add_peer(name, PRIMARY["address"] if name == "a" else OTHERS[1]["address"], key)
+    row = cat.create_replica("v", 1 << 20, "raw", 42, 1, 2)
+    cat.set_replica_view(row["id"], "in_sync", 2, json.dumps([OTHERS[0], OTHERS[1], PRIMARY]))
+    cat.set_applied(row["id"], (1, 100))
+    return rig, row
+
+
+def answers(c_seq, c_epoch=1, primary=None):
+    """What the other copies say: c at (1, c_seq); the old primary silent unless given."""
+    out = {OTHERS[1]["address"]: {"epoch": c_epoch, "role": "replica", "sync_state": "in_sync",
+                                  "applied_epoch": 1, "applied_seq": c_seq},
+           PRIMARY["address"]: primary}
+    return out
+
+
+def test_a_write_acknowledged_between_the_question_and_the_announcement_refuses(replica):
+    rig, row = replica
+    calls = []
+
+    def survivors(copies, repl_id, epoch=0):
+        calls.append(epoch)
+        # First question: c is where b is.  Meanwhile the old primary gets c to acknowledge one more.
+        return answers(100 if not epoch else 101, c_epoch=epoch or 1)
+
+    with pytest.raises(Refused, match=r"applied later writes .*seq 101.*now hold epoch 2"):
+        rig.engine.promote("v", own_key="KB", survivors=survivors)
+    assert calls == [0, 2]
+    after = rig.engine.catalog.volume("v")
+    assert after["role"] == "replica" and after["epoch"] == 1  # nothing taken here
+    assert not os.path.exists(rig.datadir.resync_path(row["id"], "c"))  # no bitmaps written
+
+
+def test_promotion_fills_every_bitmap_before_it_takes_the_epoch(replica):
+    rig, row = replica
+    report = rig.engine.promote("v", own_key="KB", survivors=lambda copies, rid, epoch=0: answers(100, epoch or 1))
+    assert report["epoch"] == 2 and not report["forced"]
+    after = rig.engine.catalog.volume("v")
+    assert after["role"] == "primary" and after["epoch"] == 2
+    for peer in ("a", "c"):
+        assert IntentLog(OsFiles(), rig.datadir.resync_path(row["id"], peer)).load() == set(range(16))
+
+
+def test_a_bad_compare_limit_is_one_clear_error_and_changes_nothing(replica, monkeypatch):
+    rig, row = replica
+    monkeypatch.setenv("BLOCKD_FULL_COMPARE_LIMIT", "256G")
+    with pytest.raises(BadInput, match="BLOCKD_FULL_COMPARE_LIMIT"):
+        rig.engine.promote("v", own_key="KB", survivors=lambda copies, rid, epoch=0: answers(100, epoch or 1))
+    assert rig.engine.catalog.volume("v")["role"] == "replica"
+
+
+def test_a_later_epoch_outranks_a_larger_seq(replica):
+    """Seqs come from each primary's clock: a write at epoch 2 is later than any at epoch 1."""
+    rig, row = replica
+
+    def survivors(copies, repl_id, epoch=0):
+        out = answers(5, c_epoch=epoch or 2)
+        out[OTHERS[1]["address"]]["applied_epoch"] = 2
+        return out
+
+    with pytest.raises(Refused, match=r"applied later writes \(epoch 2 seq 5 > epoch 1 seq 100\)"):
+        rig.engine.promote("v", own_key="KB", survivors=survivors)
