@@ -42,6 +42,7 @@ DEFAULT_ACK_TIMEOUT = 2.0
 DEFAULT_WRITE_TIMEOUT = 30.0
 DEFAULT_HEARTBEAT = 0.5
 DEFAULT_RESYNC_MIBPS = 256.0
+CHUNKS_PAGE = 1 << 20  # chunk indexes per CHUNKS answer (8 MiB): a page is quick once the peer listed them
 RECONNECT_DELAY = 0.2
 
 
@@ -1095,19 +1096,23 @@ class VolumeReplication:
         marker = self.manager.datadir.chunk_list_path(self.volume.volume_id, name)
         if not os.path.exists(marker):
             return
-        msg = rp.Message(rp.CHUNKS, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq())
-        ok, reply = self._request(ps, msg, timeout=max(30.0, self.settings.ack_timeout * 3))
         total = (self.volume.size + self.volume.chunk_size - 1) // self.volume.chunk_size
-        if ok:
-            chunks = [c for c in np.frombuffer(reply.sums, dtype="<u8").tolist() if c < total]
-        elif isinstance(reply, rp.Message) and reply.type == rp.NACK and _nack_code(reply) == "too_many":
-            chunks = range(total)  # too many to list: compare every chunk
-        else:
-            log(f"{self.volume.name}: listing {name}'s chunks: {_reason(reply)}")
-            raise _ResyncAborted()
-        ps.record(chunks)
+        start, found = 0, 0
+        while True:
+            msg = rp.Message(rp.CHUNKS, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq(), offset=start,
+                             length=CHUNKS_PAGE)
+            ok, reply = self._request(ps, msg)
+            if not ok:
+                log(f"{self.volume.name}: listing {name}'s chunks: {_reason(reply)}")
+                raise _ResyncAborted()
+            page = np.frombuffer(reply.sums, dtype="<u8")
+            ps.record([c for c in page.tolist() if c < total])  # durable before the marker goes
+            found += len(page)
+            if len(page) < CHUNKS_PAGE:
+                break
+            start = int(page[-1]) + 1
         os.unlink(marker)
-        log(f"{self.volume.name}: {name} holds {len(chunks)} chunk(s): compared with ours")
+        log(f"{self.volume.name}: {name} holds {found} chunk(s): compared with ours")
 
     def _resync(self, name, ps):
         volume = self.volume
@@ -1479,6 +1484,7 @@ class Sink:
         self._persisted_seq = {}  # repl_id -> the applied seq last made durable in the catalog (at a FLUSH)
         self._floor = {}  # repl_id -> (epoch, seq) of the primary's last session CREATE: older writes refused
         self._applied_fds = {}  # repl_id -> fd of the volume's applied file (DataDir.applied_path)
+        self._chunk_lists = {}  # repl_id -> (monotonic time, sorted chunk indexes): CHUNKS pages from one listing
         self._volumes = {}  # repl_id -> (Volume opened for the sink, the epoch last checked in the catalog)
         self._cache_lock = threading.Lock()  # the sink thread fills the cache; promotion (drop) empties it
         self._uncached = {}  # repl_id promoted here -> its new epoch: not cached while messages are at or below it
@@ -1692,11 +1698,17 @@ class Sink:
                 self.engine.release(volume)
             self.engine.delete(volume.name, force=True)
         elif t == rp.CHUNKS:
-            store = volume.store
-            held = sorted(set(store.chunk_indexes()) | set(store.intent.chunks))
-            if len(held) * 8 > rp.MAX_DATA:
-                raise _Refuse(f"{len(held)} chunks: too many to list", "too_many")
-            return self._ack(msg, sums=np.asarray(held, dtype="<u8").tobytes())
+            # One directory listing serves every page (and a retry, if listing a huge volume took longer
+            # than the primary waited): kept for a minute.
+            listed = self._chunk_lists.get(msg.volume)
+            if listed is None or time.monotonic() - listed[0] > 60:
+                store = volume.store
+                held = np.asarray(sorted(set(store.chunk_indexes()) | set(store.intent.chunks)), dtype="<u8")
+                listed = self._chunk_lists[msg.volume] = (time.monotonic(), held)
+            held = listed[1]
+            first = int(np.searchsorted(held, msg.offset))
+            count = max(0, min(msg.length, rp.MAX_DATA // 8))
+            return self._ack(msg, sums=held[first:first + count].tobytes())
         elif t == rp.SUMS:
             if msg.offset + msg.length > volume.size:
                 raise _Refuse("range past the end", "range")

@@ -49,8 +49,9 @@ HEARTBEAT = 12
 SUMS = 13  # request checksums of [offset, offset+length); reply ACK with the checksums frame
 READ = 14  # request data of [offset, offset+length); reply ACK with data + checksums (read-repair, verify)
 STATE = 15  # reply to HELLO: JSON {"volumes": {...}}
-CHUNKS = 16  # request the chunk indexes a copy holds (files, and any its intent log names); reply ACK with
-#              them as u64s in the checksums frame (after a promotion of a volume too big to compare whole)
+CHUNKS = 16  # request the chunk indexes a copy holds (files, and any its intent log names) from index
+#              ``offset`` on, at most ``length`` of them; reply ACK with them as u64s in the checksums
+#              frame (fewer than asked: the last page).  After a promotion of a volume too big to compare whole.
 
 NAMES = {
     HELLO: "HELLO", WRITE: "WRITE", TRIM: "TRIM", ZERO: "ZERO", FLUSH: "FLUSH", RESIZE: "RESIZE",

@@ -334,3 +334,38 @@ def test_a_write_refused_as_older_than_the_session_is_resynced_without_resetting
     _wait_for(lambda: peer.state.counts and not peer.pending_chunks())
     assert peer.link.failures == failures
     assert repl.verify() == {"b": []}
+
+
+@pytest.mark.parametrize("pair", [2], indirect=True)
+def test_after_a_promotion_the_peers_chunk_list_joins_its_bitmap_page_by_page(pair, monkeypatch):
+    """What a promotion of a big volume leaves (a marker: ask the peer for its chunks): the first
+    resync lists the peer's chunks, one page at a time, and compares them too, so a chunk only the
+    peer holds is overwritten from here."""
+    import blockd.replication as replication
+
+    primary, sink, start_primary = pair
+    volume = start_primary()
+    repl = volume.replication
+    peer = repl.peers["b"]
+    for c in (0, 3):
+        volume.write(np.full(4096, c + 1, np.uint8), c * CHUNK)
+    volume.flush()
+    # Chunks only the peer holds (what an old primary wrote and never got acknowledged).
+    other = sink.engine.open("v", replica=True)
+    try:
+        for c in (5, 7):
+            other.write(np.full(4096, 9, np.uint8), c * CHUNK)
+        other.flush()
+    finally:
+        sink.engine.release(other)
+    assert repl.verify()["b"]  # they differ
+    monkeypatch.setattr(replication, "CHUNKS_PAGE", 1)  # one chunk index per answer: four pages
+    marker = primary.datadir.chunk_list_path(volume.volume_id, "b")
+    open(marker, "w").close()
+    peer.record([0])  # promotion put ours in the bitmap
+    with repl._cond:
+        peer.state.on("missed")
+    repl.start_resync("b")
+    _wait_for(lambda: peer.state.counts and not peer.pending_chunks())
+    assert not os.path.exists(marker)
+    assert repl.verify() == {"b": []}
