@@ -87,6 +87,15 @@ def pair(tmp_path, request):
     sink.stop()
 
 
+def _written_in_sync(start_primary):
+    """Open the volume, write a block and flush (the replica confirmed the epoch and has it): the
+    volume, its replication and peer b's state."""
+    volume = start_primary()
+    volume.write(np.full(4096, 1, np.uint8), 0)
+    volume.flush()
+    return volume, volume.replication, volume.replication.peers["b"]
+
+
 def test_a_miss_that_cannot_be_recorded_fails_the_volume_instead_of_being_acknowledged(pair):
     primary, sink, start_primary = pair
     volume = start_primary()
@@ -285,11 +294,7 @@ def test_a_write_from_before_a_reconnect_is_refused_after_it(pair):
     from blockd import replproto as rp
 
     primary, sink, start_primary = pair
-    volume = start_primary()
-    repl = volume.replication
-    peer = repl.peers["b"]
-    volume.write(np.full(4096, 1, np.uint8), 0)
-    volume.flush()
+    volume, repl, peer = _written_in_sync(start_primary)
     old_seq = repl.last_seq()  # a seq from this session
     link = peer.link
     link.reset("test: the link drops")
@@ -322,11 +327,7 @@ def test_a_write_refused_as_older_than_the_session_is_resynced_without_resetting
     on that peer shares it).  The sink's floor is set just past the next seq, as a session CREATE
     queued a moment earlier would."""
     primary, sink, start_primary = pair
-    volume = start_primary()
-    repl = volume.replication
-    peer = repl.peers["b"]
-    volume.write(np.full(4096, 1, np.uint8), 0)
-    volume.flush()
+    volume, repl, peer = _written_in_sync(start_primary)
     failures = peer.link.failures
     sink._floor[repl.repl_id] = (repl.epoch, repl.last_seq() + 2)
     volume.write(np.full(4096, 2, np.uint8), 0)  # seq last + 1: refused, resynced, then 2 copies
