@@ -1735,8 +1735,9 @@ class Sink:
         try:
             fd = self._applied_fds.get(msg.volume)
             if fd is None:
-                fd = os.open(self.engine.datadir.applied_path(volume.volume_id),
-                             os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                path = self.engine.datadir.applied_path(volume.volume_id)
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # a trim first: no chunk yet
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 self._applied_fds[msg.volume] = fd
             os.pwrite(fd, pos[0].to_bytes(8, "little") + pos[1].to_bytes(8, "little"), 0)
         except OSError as exc:
