@@ -444,6 +444,12 @@ class Catalog:
         with self.transaction() as db:
             db.execute("UPDATE volumes SET sync_state=NULL WHERE id=? AND sync_state='promoted'", (volume_id,))
 
+    def mark_replica_behind(self, repl_id):
+        """A replica refused a client write (corrupt, no space, an error): it lacks it, whatever its primary
+        last said, until the primary's next CREATE says otherwise (promotion reads this)."""
+        with self.transaction() as db:
+            db.execute("UPDATE volumes SET sync_state='out_of_sync' WHERE repl_id=? AND role='replica'", (repl_id,))
+
     def set_replica_view(self, volume_id, sync_state, min_copies, copies_json):
         """What a replica's primary last told it: its sync state, the quorum, every copy."""
         with self.transaction() as db:
@@ -456,8 +462,9 @@ class Catalog:
             db.execute("UPDATE volumes SET sync_state='promoted' WHERE id=? AND role='primary'", (volume_id,))
 
     def promote(self, name, peer_names, epoch=None):
-        """Replica -> primary with ``epoch`` (default: the next one); ``peer_names`` (other copies, as this
-        node names them) become its replicas.  Returns the new row."""
+        """Replica -> primary with ``epoch`` (default: the next one; promotion passes the one it announced,
+        which this copy already adopted); ``peer_names`` (other copies, as this node names them) become its
+        replicas.  Returns the new row."""
         with self.transaction() as db:
             row = db.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
             if row is None:
@@ -465,8 +472,11 @@ class Catalog:
             if row["role"] != "replica":
                 raise Refused(f"volume {name} is already the primary here (epoch {row['epoch']})")
             # 'promoted': writable before any peer answers (this node just chose the new epoch).
+            new_epoch = row["epoch"] + 1 if epoch is None else epoch
+            if new_epoch < row["epoch"]:
+                raise Refused(f"volume {name} is at epoch {row['epoch']}, past {new_epoch}")
             db.execute("UPDATE volumes SET role='primary', epoch=?, sync_state='promoted' WHERE id=?",
-                       (max(row["epoch"] + 1, epoch or 0), row["id"]))
+                       (new_epoch, row["id"]))
             db.execute("DELETE FROM volume_replicas WHERE volume_id=?", (row["id"],))
             for peer in peer_names:
                 pid = db.execute("SELECT id FROM peers WHERE name=?", (peer,)).fetchone()

@@ -342,6 +342,14 @@ class Engine:
             raise Refused(f"refusing to promote {name}: " + "; ".join(reasons) + "; --force promotes it anyway "
                           "(acknowledged writes may be lost)")
         epoch = max([row["epoch"]] + [st.get("epoch", 0) for st in answers.values() if st]) + 1
+        # This copy takes the epoch as a replica first: from now on its own sink refuses the old
+        # primary too (it counts among the holders below), and what the chunk listing below sees is all
+        # that copy will ever hold of the old primary's writes.
+        self.catalog.adopt_epoch(row["id"], epoch)
+        with self._lock:
+            volume = self.sink.drop(row["repl_id"], epoch) if self.sink is not None else None
+        if volume is not None:
+            self.release(volume)
         if others and survivors is not None:
             # Announce it before taking it: a copy that holds it refuses the old primary's writes.
             taken = survivors(others, row["repl_id"], epoch=epoch)
@@ -371,13 +379,6 @@ class Engine:
             peer = self.catalog.peer_by_key(copy["key"]) if copy.get("key") else None
             if peer is not None:
                 peer_names.append(peer["name"])
-        with self._lock:
-            if self.sink is not None:
-                volume = self.sink.drop(row["repl_id"], epoch)
-            else:
-                volume = None
-        if volume is not None:
-            self.release(volume)
         # Every other copy gets compared chunk by chunk on first contact: its bitmap is filled before the
         # catalog makes this copy the primary (a crash in between leaves a replica, never a primary
         # whose peers would open as in sync).

@@ -521,7 +521,9 @@ class VolumeReplication:
         self.min_copies = row["min_copies"]
         self.settings = manager.settings
         self._cond = threading.Condition()
-        self._seq = time.time_ns() // 1000  # rises across restarts: survivors compare applied seqs
+        # Rises across opens and restarts (survivors compare applied seqs): the clock, but never below this
+        # process's last open of the volume, nor (once its CREATE is answered) what a replica applied.
+        self._seq = max(time.time_ns() // 1000, manager.last_seqs.get(volume.volume_id, 0))
         self._waiting = set()  # tickets a request thread is waiting on
         self._settling = 0  # threads in settle(): only then does a settled request notify
         self.peers = {}  # name -> PeerState
@@ -544,8 +546,8 @@ class VolumeReplication:
                 ps.record(volume.store.recovered)
             # A peer with missed chunks on record starts out of sync; others are assumed in sync
             # until their first request says otherwise (the CREATE handshake checks).
-            if ps.pending_count():
-                ps.state = rp.ReplicaState(rp.OUT_OF_SYNC)
+            if ps.pending_count() or os.path.exists(manager.datadir.chunk_list_path(volume.volume_id, p["name"])):
+                ps.state = rp.ReplicaState(rp.OUT_OF_SYNC)  # (a chunk list to merge: a resync is due)
             self.peers[p["name"]] = ps
 
     # -- handshake ---------------------------------------------------------------------
@@ -568,7 +570,7 @@ class VolumeReplication:
         every request to it with a lower seq was answered or counted as missed (its chunks are in the
         bitmap), so the sink refuses any that arrives late (from an old connection) instead of applying
         it over what the resync sends."""
-        info = dict(info, state=ps.state.state)
+        info = dict(info, state=ps.state.state, seeded=ps.seeded)
 
         def answered(ok, reply):
             if not ok:
@@ -590,6 +592,10 @@ class VolumeReplication:
             except rp.ProtocolError:
                 state = {}
             with self._cond:
+                if state.get("applied_epoch") == self.epoch:
+                    # This primary's seqs must rise above what that copy applied at this epoch, whatever
+                    # the clock did across a restart (promotion compares them).  Before writes may go.
+                    self._seq = max(self._seq, int(state.get("applied_seq") or 0) + 1)
                 self.confirmed = True  # a copy at our epoch or older answered: we are the current primary
                 self.manager.confirmed_epochs[self.volume.volume_id] = self.epoch
                 ps.created = True
@@ -908,6 +914,7 @@ class VolumeReplication:
                 ps.record(chunks)
         except OSError as exc:
             unrecorded = self._unrecorded(name, ps, chunks, exc)
+        tell = False
         with self._cond:
             if ticket is not None:
                 ticket.failed[name] = ps.generation
@@ -916,8 +923,16 @@ class VolumeReplication:
             if ps.state.state != rp.FENCED:
                 if ps.state.state != rp.OUT_OF_SYNC:
                     log(f"{self.volume.name}: peer {name} out of sync: {reason}")
+                    tell = not reset and ps.session_created
                 ps.state.on("missed")
             self._wake_all()
+        if tell and ps.link.up:
+            # It fell out of sync while its link stays up (no reset, so no session CREATE will say so):
+            # tell it, first on the link, so that a promotion there knows it may lack writes.
+            try:
+                self._create_one(name, ps, self._info())
+            except Exception as exc:  # deleted meanwhile; the next session CREATE says it anyway
+                log(f"{self.volume.name}: telling {name} it is out of sync: {exc}")
         if reset and ps.link.up and ps.state.state == rp.OUT_OF_SYNC:
             # It answers but missed a write (refused it, answered late): nothing else would start its
             # resync, so reset the link: probed, CREATE again, then resynced from the bitmap.  (Not
@@ -1106,9 +1121,12 @@ class VolumeReplication:
                 log(f"{self.volume.name}: listing {name}'s chunks: {_reason(reply)}")
                 raise _ResyncAborted()
             page = np.frombuffer(reply.sums, dtype="<u8")
+            if len(page) and (int(page[0]) < start or len(page) > CHUNKS_PAGE):
+                log(f"{self.volume.name}: {name} answered chunks from {int(page[0])} to a request from {start}")
+                raise _ResyncAborted()
             ps.record([c for c in page.tolist() if c < total])  # durable before the marker goes
             found += len(page)
-            if len(page) < CHUNKS_PAGE:
+            if len(page) < CHUNKS_PAGE or int(page[-1]) >= total:
                 break
             start = int(page[-1]) + 1
         os.unlink(marker)
@@ -1234,6 +1252,8 @@ class VolumeReplication:
         checksums go stale once another opens the volume) and, with ``wait``, wait for them."""
         with self._cond:
             self.closed = True
+            last = self.manager.last_seqs
+            last[self.volume.volume_id] = max(last.get(self.volume.volume_id, 0), self._seq)
             threads = [ps.resync_thread for ps in self.peers.values() if ps.resync_thread is not None]
             self._wake_all()
         if wait:
@@ -1348,6 +1368,7 @@ class Manager:
         self._volumes = {}  # volume id -> VolumeReplication
         self._bitmaps = {}  # (volume id, peer name) -> PeerBitmap, for the life of this process
         self.confirmed_epochs = {}  # volume id -> the epoch a peer confirmed current in this process
+        self.last_seqs = {}  # volume id -> the last seq its closed opens used (the next open starts above)
         self._lock = threading.Lock()
 
     def link(self, peer):
@@ -1576,12 +1597,28 @@ class Sink:
                 self.refused["error"] += 1
                 log(f"sink: {rp.NAMES.get(msg.type)}: {type(exc).__name__}: {exc}")
                 reply = self._nack(msg, f"internal error: {exc}", "error")
+            if reply.type == rp.NACK and msg.type in (rp.WRITE, rp.TRIM, rp.ZERO, rp.RESYNC):
+                self._behind(msg, reply)
             while self._release_after:
                 try:
                     self.engine.release(self._release_after.pop())
                 except Exception as exc:
                     log(f"sink: releasing a volume: {exc}")
             self._reply(ident, reply)
+
+    def _behind(self, msg, reply):
+        """This copy refused a write it was sent: it lacks it (not for a sender that is stale or a volume
+        that is not a replica here: those change nothing here)."""
+        try:
+            code = reply.json().get("code")
+        except rp.ProtocolError:
+            code = None
+        if code in ("stale_epoch", "unknown_volume", "not_replica", "malformed"):
+            return
+        try:
+            self.catalog.mark_replica_behind(msg.volume)
+        except Exception as exc:
+            log(f"sink: recording that volume {msg.volume} lacks a refused write: {exc}")
 
     def _reply(self, ident, msg):
         try:
@@ -1600,6 +1637,7 @@ class Sink:
     def _forget(self, repl_id):
         """Drop a cached replica and the engine reference it held (the next message looks it up again)."""
         self._close_applied(repl_id)
+        self._chunk_lists.pop(repl_id, None)
         with self._cache_lock:
             cached = self._volumes.pop(repl_id, None)
         if cached is not None:
@@ -1701,13 +1739,15 @@ class Sink:
             # One directory listing serves every page (and a retry, if listing a huge volume took longer
             # than the primary waited): kept for a minute.
             listed = self._chunk_lists.get(msg.volume)
-            if listed is None or time.monotonic() - listed[0] > 60:
+            if listed is None or listed[1] != msg.epoch or time.monotonic() - listed[0] > 60:
                 store = volume.store
                 held = np.asarray(sorted(set(store.chunk_indexes()) | set(store.intent.chunks)), dtype="<u8")
-                listed = self._chunk_lists[msg.volume] = (time.monotonic(), held)
-            held = listed[1]
+                listed = self._chunk_lists[msg.volume] = (time.monotonic(), msg.epoch, held)
+            held = listed[2]
             first = int(np.searchsorted(held, msg.offset))
             count = max(0, min(msg.length, rp.MAX_DATA // 8))
+            if first + count >= len(held):
+                self._chunk_lists.pop(msg.volume, None)  # the last page
             return self._ack(msg, sums=held[first:first + count].tobytes())
         elif t == rp.SUMS:
             if msg.offset + msg.length > volume.size:
@@ -1729,7 +1769,10 @@ class Sink:
         """Remember the last client write applied, in memory and in the volume's applied file (a
         restart after kill -9 keeps the page cache, so the data, and must keep this with it)."""
         pos = (msg.epoch, msg.seq)
-        if pos <= self.applied_seq.get(msg.volume, (0, 0)):
+        if msg.volume not in self.applied_seq:
+            row = self.catalog.volume_by_repl_id(msg.volume)  # once per volume per process
+            self.applied_seq[msg.volume] = self.last_applied(msg.volume, row) if row is not None else (0, 0)
+        if pos <= self.applied_seq[msg.volume]:
             return
         self.applied_seq[msg.volume] = pos
         try:
@@ -1810,7 +1853,15 @@ class Sink:
                 self.catalog.resize_volume(row["name"], int(info["size"]))
         import json as _json
 
-        self.catalog.set_replica_view(row["id"], info.get("state"), int(info.get("min_copies", 1)),
+        state = info.get("state")
+        if created:
+            # A new copy here: nothing this process remembers of an earlier one with this id counts.
+            self._close_applied(msg.volume)
+            for kept in (self.applied_seq, self._persisted_seq, self._chunk_lists):
+                kept.pop(msg.volume, None)
+            if info.get("seeded"):
+                state = rp.OUT_OF_SYNC  # the primary had a copy here: this empty one is behind until resynced
+        self.catalog.set_replica_view(row["id"], state, int(info.get("min_copies", 1)),
                                       _json.dumps(info.get("copies", [])))
         if msg.flags & rp.SESSION:
             # Set, not raised: seqs come from the primary's clock, which a new process (or a new

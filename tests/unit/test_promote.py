@@ -52,7 +52,9 @@ def test_a_write_acknowledged_between_the_question_and_the_announcement_refuses(
         rig.engine.promote("v", own_key="KB", survivors=survivors)
     assert calls == [0, 2]
     after = rig.engine.catalog.volume("v")
-    assert after["role"] == "replica" and after["epoch"] == 1  # nothing taken here
+    # Still a replica, at the announced epoch (like the copies that took it: the old primary is refused
+    # here too), in sync as before: the copy that is ahead can be promoted next.
+    assert after["role"] == "replica" and after["epoch"] == 2 and after["sync_state"] == "in_sync"
     assert not os.path.exists(rig.datadir.resync_path(row["id"], "c"))  # no bitmaps written
 
 

@@ -370,3 +370,61 @@ def test_after_a_promotion_the_peers_chunk_list_joins_its_bitmap_page_by_page(pa
     _wait_for(lambda: peer.state.counts and not peer.pending_chunks())
     assert not os.path.exists(marker)
     assert repl.verify() == {"b": []}
+
+
+def test_a_replica_that_refuses_a_write_records_that_it_lacks_it(pair):
+    """Promotion there reads the replica's own sync state: a write it refused (corrupt on receipt here)
+    must make it out of sync at once, not when its primary gets round to saying so."""
+    import zmq
+
+    from blockd import replproto as rp
+
+    primary, sink, start_primary = pair
+    volume, repl, peer = _written_in_sync(start_primary)
+    assert sink.engine.catalog.volume("v")["sync_state"] == "in_sync"
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(sink.address)
+    try:
+        msg = rp.Message(rp.WRITE, volume=repl.repl_id, epoch=repl.epoch, seq=repl.last_seq() + 1, offset=0,
+                         length=4096, sums=bytes(8), data=bytes(range(256)) * 16)  # the sum does not match
+        sock.send_multipart(rp.encode(msg))
+        assert sock.poll(5000)
+        reply = rp.decode(sock.recv_multipart())
+    finally:
+        sock.close()
+    assert reply.type == rp.NACK and reply.json()["code"] == "corrupt"
+    assert sink.engine.catalog.volume("v")["sync_state"] == "out_of_sync"
+
+
+def test_a_reopened_primary_sends_seqs_above_what_its_replica_applied_whatever_the_clock(pair, monkeypatch):
+    """Seqs start from the clock at each open; one set back (an hour here) must not make this primary's
+    new writes look older than those the replica already applied (promotion compares them)."""
+    import time as _time
+
+    import blockd.replication as replication
+
+    primary, sink, start_primary = pair
+    volume, repl, peer = _written_in_sync(start_primary)
+    before = sink.last_applied(repl.repl_id, sink.engine.catalog.volume_by_repl_id(repl.repl_id))
+    primary.engine.release(volume)
+    real = _time.time_ns
+    monkeypatch.setattr(replication.time, "time_ns", lambda: real() - 3600 * 10**9)
+    volume = primary.engine.open("v")
+    volume.write(np.full(4096, 2, np.uint8), 0)  # min-copies 1: the replica applies it a moment later
+    row = sink.engine.catalog.volume_by_repl_id(repl.repl_id)
+    _wait_for(lambda: sink.last_applied(repl.repl_id, row) > before, timeout=5.0)
+
+
+def test_a_chunk_list_still_to_merge_makes_the_peer_out_of_sync_at_open(pair):
+    """A promotion of a big volume leaves a marker per peer; if the new primary has no chunk of its own,
+    the bitmap is empty, and the marker alone must start the resync that merges the peer's list."""
+    primary, sink, start_primary = pair
+    volume, repl, peer = _written_in_sync(start_primary)
+    primary.engine.release(volume)
+    marker = primary.datadir.chunk_list_path(volume.volume_id, "b")
+    open(marker, "w").close()
+    volume = primary.engine.open("v")
+    peer = volume.replication.peers["b"]
+    _wait_for(lambda: not os.path.exists(marker) and peer.state.counts)
+    assert volume.replication.verify() == {"b": []}
