@@ -405,7 +405,7 @@ def cmd_volume_show(args):
         else:
             catalog = datadir.catalog(create=False, readonly=True)
             try:
-                peers = catalog.volume_replicas(row["id"])
+                peers = catalog.volume_replicas(row["id"]) if row["role"] != "replica" else []
             finally:
                 catalog.close()
             info["replication"] = {
@@ -414,8 +414,11 @@ def cmd_volume_show(args):
                                            for p in peers},
             }
             if row["role"] == "replica":
-                info["replication"].update(sync_state=row["sync_state"],
-                                           copies=len(json.loads(row["copies"] or "[]")))
+                # What promotion compares: the catalog's (as of the last flush) or the applied file's, later.
+                applied = max((row["applied_epoch"] or 0, row["applied_seq"] or 0),
+                              datadir.applied_position(row["id"]))
+                info["replication"].update(sync_state=row["sync_state"], copies=len(json.loads(row["copies"] or "[]")),
+                                           applied_epoch=applied[0], applied_seq=applied[1])
     if args.json:
         _print(info)
     else:

@@ -317,18 +317,23 @@ class Engine:
         if row["sync_state"] != "in_sync":
             reasons.append(f"its primary last reported it {row['sync_state'] or 'not yet in sync'}")
         others = [c for c in copies if c.get("key") != own]
+        known = {p["address"]: p["name"] for p in self.catalog.peers()}
+
+        def named(addr):  # as this node's peers are named, with the address
+            return f"{known[addr]} ({addr})" if addr in known else addr
+
         answers = survivors(others, row["repl_id"]) if survivors is not None and others else {}
         my_primary = {c.get("address") for c in copies if c.get("name") is None}  # as the primary last said
         for addr, st in answers.items():
             if st and st.get("role") == "primary" and (st.get("epoch", 0) > row["epoch"] or (
                     st.get("epoch", 0) == row["epoch"] and addr not in my_primary)):
-                reasons.append(f"the copy at {addr} is already the primary at epoch {st['epoch']} (promoted there)")
+                reasons.append(f"the copy at {named(addr)} is already the primary at epoch {st['epoch']} (promoted there)")
         partial = bool(copies) and row["min_copies"] < len(copies)  # writes did not need every copy
         mine = self._applied(row)
         if partial:
             # Another survivor may hold acknowledged writes this one lacks.  Ask them (their sinks);
             # promote only the most up-to-date one.
-            reasons += self._ahead(answers, mine)
+            reasons += self._ahead(answers, mine, named)
             unknown = [c["address"] for c in others if answers.get(c.get("address")) is None]
             # An acknowledged write is on at least min_copies copies; the ones that answered are covered
             # (this copy is in sync and at least as far along), so it can be missing here only if
@@ -336,7 +341,8 @@ class Engine:
             if len(unknown) >= row["min_copies"]:
                 reasons.append(
                     f"writes needed only {row['min_copies']} of {len(copies)} copies and "
-                    f"{', '.join(unknown)} did not answer, so this copy cannot be known to be the most up to date"
+                    f"{', '.join(map(named, unknown))} did not answer, so this copy cannot be known to be the most up to "
+                    "date"
                 )
         if reasons and not force:
             raise Refused(f"refusing to promote {name}: " + "; ".join(reasons) + "; --force promotes it anyway "
@@ -353,7 +359,7 @@ class Engine:
         if others and survivors is not None:
             # Announce it before taking it: a copy that holds it refuses the old primary's writes.
             taken = survivors(others, row["repl_id"], epoch=epoch)
-            late = self._ahead(taken, mine) if partial else []
+            late = self._ahead(taken, mine, named) if partial else []
             if late:
                 # Acknowledged by the old primary between the first question and the announcement.
                 if not force:
@@ -364,7 +370,8 @@ class Engine:
             holders = 1 + sum(1 for st in taken.values() if st and st.get("epoch") == epoch)
             needed = len(copies) - row["min_copies"] + 1
             if holders < needed:
-                missing = [c["address"] for c in others if not (taken.get(c.get("address")) or {}).get("epoch") == epoch]
+                missing = [named(c["address"]) for c in others
+                           if not (taken.get(c.get("address")) or {}).get("epoch") == epoch]
                 why = (f"only {holders} of the {len(copies)} copies hold epoch {epoch} ({', '.join(missing)} did not "
                        f"take it): the old primary could still reach {row['min_copies']} copies and acknowledge "
                        "writes this one never sees")
@@ -408,7 +415,7 @@ class Engine:
         return max((row["applied_epoch"] or 0, row["applied_seq"] or 0), self.datadir.applied_position(row["id"]))
 
     @staticmethod
-    def _ahead(answers, mine):
+    def _ahead(answers, mine, named=str):
         """Why another copy may hold acknowledged writes this one lacks: a replica whose last applied
         client write, (epoch, seq), is later than ours."""
         pos = lambda st: (st.get("applied_epoch", 0), st.get("applied_seq", 0))  # noqa: E731
@@ -419,7 +426,7 @@ class Engine:
         which = ("promote that one" if st.get("sync_state") == "in_sync"
                  else f"though {st.get('sync_state') or 'not known to be in sync'} there: no copy is known "
                       "to hold every acknowledged write")
-        return [f"the copy at {addr} applied later writes (epoch {pos(st)[0]} seq {pos(st)[1]} > epoch {mine[0]} "
+        return [f"the copy at {named(addr)} applied later writes (epoch {pos(st)[0]} seq {pos(st)[1]} > epoch {mine[0]} "
                 f"seq {mine[1]}): {which}"]
 
     def _add_to_bitmap(self, volume_id, peer, chunks):

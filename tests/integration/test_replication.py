@@ -660,13 +660,16 @@ def test_three_copies_promotion_requires_the_most_up_to_date_survivor(cluster):
         h.pwrite(os.urandom(65536), CHUNK + i * 65536)  # acknowledged by a and c; no flush
     a.server.kill9()  # the primary dies before b returns: nobody told b it fell behind
     c.server.kill9()  # and c is killed too: how far it got must survive that, unflushed, as its data does
+    offline = js(c.cli("volume", "show", "v", "--json"))["replication"]  # no server: what promotion would see
+    assert offline["role"] == "replica" and offline["peers"] == {} and offline["applied_seq"] > 0
     c.start()
+    assert replication(c, "v")["applied_seq"] == offline["applied_seq"]
     b.start()
     assert replication(b, "v")["sync_state"] == "in_sync"
     # b believes it is in sync, but c (asked over its sink) is ahead: b must not be promoted.
     refused = b.cli("volume", "promote", "v")
     assert refused.returncode == 1 and "applied later writes" in refused.stderr, refused.stderr
-    assert c.address in refused.stderr and "promote that one" in refused.stderr
+    assert f"c ({c.address})" in refused.stderr and "promote that one" in refused.stderr  # by peer name
     assert replication(b, "v")["role"] == "replica" and replication(b, "v")["epoch"] == 1  # nothing announced
     out = js(c.cli("volume", "promote", "v", "--json"))
     assert out["epoch"] == 2 and not out["forced"]
