@@ -351,7 +351,9 @@ class Engine:
         # This copy takes the epoch as a replica first: from now on its own sink refuses the old
         # primary too (it counts among the holders below), and what the chunk listing below sees is all
         # that copy will ever hold of the old primary's writes.
-        self.catalog.adopt_epoch(row["id"], epoch)
+        if not self.catalog.adopt_epoch(row["id"], epoch):
+            raise Refused(f"refusing to promote {name}: another promotion announced epoch {epoch} (or a newer one) "
+                          "to this copy meanwhile; check `blockd volume show` on the other copies")
         with self._lock:
             volume = self.sink.drop(row["repl_id"], epoch) if self.sink is not None else None
         if volume is not None:

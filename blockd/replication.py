@@ -42,6 +42,7 @@ DEFAULT_ACK_TIMEOUT = 2.0
 DEFAULT_WRITE_TIMEOUT = 30.0
 DEFAULT_HEARTBEAT = 0.5
 DEFAULT_RESYNC_MIBPS = 256.0
+EMPTY = "empty"  # a replica's sync state: a copy recreated empty where its primary had one (full resync due)
 CHUNKS_PAGE = 1 << 20  # chunk indexes per CHUNKS answer (8 MiB): a page is quick once the peer listed them
 RECONNECT_DELAY = 0.2
 
@@ -570,7 +571,6 @@ class VolumeReplication:
         every request to it with a lower seq was answered or counted as missed (its chunks are in the
         bitmap), so the sink refuses any that arrives late (from an old connection) instead of applying
         it over what the resync sends."""
-        info = dict(info, state=ps.state.state, seeded=ps.seeded)
 
         def answered(ok, reply):
             if not ok:
@@ -619,9 +619,13 @@ class VolumeReplication:
             if ps.state.state == rp.OUT_OF_SYNC and ps.link.up:
                 self.start_resync(name)
 
-        msg = rp.json_message(rp.CREATE, info, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq(),
-                              flags=rp.SESSION if session else 0)
-        self._send_on_link(ps, msg, answered)  # counted: no direct write overtakes it (resize, epoch)
+        with self._cond:
+            # The state it says and its seq taken together, and queued in seq order: the sink keeps the
+            # state of the latest (a refused write there counts as later than an older CREATE).
+            info = dict(info, state=ps.state.state, seeded=ps.seeded)
+            msg = rp.json_message(rp.CREATE, info, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq(),
+                                  flags=rp.SESSION if session else 0)
+            self._send_on_link(ps, msg, answered)  # counted: no direct write overtakes it (resize, epoch)
 
     def tell_peers(self):
         """Send every peer our current view (its state, the quorum): what promotion decides on there."""
@@ -923,7 +927,9 @@ class VolumeReplication:
             if ps.state.state != rp.FENCED:
                 if ps.state.state != rp.OUT_OF_SYNC:
                     log(f"{self.volume.name}: peer {name} out of sync: {reason}")
-                    tell = not reset and ps.session_created
+                    # A client request it missed (not a stopped resync: telling would restart it, and a
+                    # resync that keeps failing would loop), on a live link, from an open not closed.
+                    tell = not reset and ticket is not None and ps.session_created and not self.closed
                 ps.state.on("missed")
             self._wake_all()
         if tell and ps.link.up:
@@ -1506,6 +1512,7 @@ class Sink:
         self._floor = {}  # repl_id -> (epoch, seq) of the primary's last session CREATE: older writes refused
         self._applied_fds = {}  # repl_id -> fd of the volume's applied file (DataDir.applied_path)
         self._chunk_lists = {}  # repl_id -> (monotonic time, sorted chunk indexes): CHUNKS pages from one listing
+        self._state_seq = {}  # repl_id -> (epoch, seq) of what last set its sync state (a CREATE, a refused write)
         self._volumes = {}  # repl_id -> (Volume opened for the sink, the epoch last checked in the catalog)
         self._cache_lock = threading.Lock()  # the sink thread fills the cache; promotion (drop) empties it
         self._uncached = {}  # repl_id promoted here -> its new epoch: not cached while messages are at or below it
@@ -1617,6 +1624,7 @@ class Sink:
             return
         try:
             self.catalog.mark_replica_behind(msg.volume)
+            self._state_seq[msg.volume] = max(self._state_seq.get(msg.volume, (0, 0)), (msg.epoch, msg.seq))
         except Exception as exc:
             log(f"sink: recording that volume {msg.volume} lacks a refused write: {exc}")
 
@@ -1857,10 +1865,18 @@ class Sink:
         if created:
             # A new copy here: nothing this process remembers of an earlier one with this id counts.
             self._close_applied(msg.volume)
-            for kept in (self.applied_seq, self._persisted_seq, self._chunk_lists):
+            for kept in (self.applied_seq, self._persisted_seq, self._chunk_lists, self._state_seq):
                 kept.pop(msg.volume, None)
             if info.get("seeded"):
-                state = rp.OUT_OF_SYNC  # the primary had a copy here: this empty one is behind until resynced
+                state = EMPTY  # the primary had a copy here: this one is empty until fully resynced
+        elif row["sync_state"] == EMPTY and state != rp.IN_SYNC:
+            # Still empty: said again (the answer that said so may have been lost) until the primary's
+            # full resync ends and it says in sync.
+            state, created = EMPTY, True
+        elif (msg.epoch, msg.seq) < self._state_seq.get(msg.volume, (0, 0)):
+            state = row["sync_state"]  # an older CREATE than what last set it (a write refused here since)
+        if (msg.epoch, msg.seq) > self._state_seq.get(msg.volume, (0, 0)):
+            self._state_seq[msg.volume] = (msg.epoch, msg.seq)
         self.catalog.set_replica_view(row["id"], state, int(info.get("min_copies", 1)),
                                       _json.dumps(info.get("copies", [])))
         if msg.flags & rp.SESSION:

@@ -87,3 +87,18 @@ def test_a_later_epoch_outranks_a_larger_seq(replica):
 
     with pytest.raises(Refused, match=r"applied later writes \(epoch 2 seq 5 > epoch 1 seq 100\)"):
         rig.engine.promote("v", own_key="KB", survivors=survivors)
+
+
+def test_another_promotion_announcing_the_same_epoch_first_refuses(replica):
+    """Two copies promoted at once both compute epoch 2; the one whose announcement reaches the other
+    first wins, and the other must not take epoch 2 as well (two primaries at one epoch never fence)."""
+    rig, row = replica
+
+    def survivors(copies, repl_id, epoch=0):
+        if not epoch:
+            rig.engine.catalog.adopt_epoch(row["id"], 2)  # the other promotion's announcement lands here
+        return answers(100, epoch or 1)
+
+    with pytest.raises(Refused, match="another promotion announced epoch 2"):
+        rig.engine.promote("v", own_key="KB", survivors=survivors)
+    assert rig.engine.catalog.volume("v")["role"] == "replica"

@@ -385,15 +385,24 @@ def test_a_replica_that_refuses_a_write_records_that_it_lacks_it(pair):
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(sink.address)
+    seq = repl.last_seq() + 10
     try:
-        msg = rp.Message(rp.WRITE, volume=repl.repl_id, epoch=repl.epoch, seq=repl.last_seq() + 1, offset=0,
+        msg = rp.Message(rp.WRITE, volume=repl.repl_id, epoch=repl.epoch, seq=seq, offset=0,
                          length=4096, sums=bytes(8), data=bytes(range(256)) * 16)  # the sum does not match
         sock.send_multipart(rp.encode(msg))
         assert sock.poll(5000)
         reply = rp.decode(sock.recv_multipart())
+        assert reply.type == rp.NACK and reply.json()["code"] == "corrupt"
+        assert sink.engine.catalog.volume("v")["sync_state"] == "out_of_sync"
+        # A CREATE the primary built before that write (an older seq) saying in sync arrives after it:
+        # the refusal stands.
+        info = dict(repl._info(), state="in_sync", seeded=True)
+        sock.send_multipart(rp.encode(rp.json_message(rp.CREATE, info, volume=repl.repl_id, epoch=repl.epoch,
+                                                      seq=seq - 1)))
+        assert sock.poll(5000)
+        assert rp.decode(sock.recv_multipart()).type == rp.ACK
     finally:
         sock.close()
-    assert reply.type == rp.NACK and reply.json()["code"] == "corrupt"
     assert sink.engine.catalog.volume("v")["sync_state"] == "out_of_sync"
 
 
@@ -428,3 +437,36 @@ def test_a_chunk_list_still_to_merge_makes_the_peer_out_of_sync_at_open(pair):
     peer = volume.replication.peers["b"]
     _wait_for(lambda: not os.path.exists(marker) and peer.state.counts)
     assert volume.replication.verify() == {"b": []}
+
+
+def test_a_recreated_empty_copy_says_so_until_its_full_resync_ends(pair):
+    """A copy recreated empty where the primary had one answers CREATE with created: the primary then
+    resyncs every chunk.  If that answer is lost, the next CREATE must say so again (the copy is
+    still empty), until the primary, its full resync done, says it is in sync."""
+    import zmq
+
+    from blockd import replproto as rp
+
+    primary, sink, start_primary = pair
+    pool = sink.engine.catalog.pool()
+    info = {"name": "w", "size": 1 << 20, "type": "raw", "chunk_size": pool["chunk_size"], "min_copies": 1,
+            "copies": [], "seeded": True}
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(sink.address)
+
+    def create(state, seq):
+        sock.send_multipart(rp.encode(rp.json_message(rp.CREATE, dict(info, state=state), volume=777, epoch=1,
+                                                      seq=seq)))
+        assert sock.poll(5000)
+        reply = rp.decode(sock.recv_multipart())
+        assert reply.type == rp.ACK, reply.json()
+        return reply.json()["created"], sink.engine.catalog.volume("w")["sync_state"]
+
+    try:
+        assert create("in_sync", 1) == (True, "empty")  # (this answer "lost")
+        assert create("out_of_sync", 2) == (True, "empty")  # said again
+        assert create("in_sync", 3) == (False, "in_sync")  # full resync done
+        assert create("out_of_sync", 4) == (False, "out_of_sync")
+    finally:
+        sock.close()
