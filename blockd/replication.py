@@ -622,8 +622,11 @@ class VolumeReplication:
         with self._cond:
             # The state it says and its seq taken together, and queued in seq order: the sink keeps the
             # state of the latest (a refused write there counts as later than an older CREATE).
-            info = dict(info, state=ps.state.state, seeded=ps.seeded)
-            msg = rp.json_message(rp.CREATE, info, volume=self.repl_id, epoch=self.epoch, seq=self._next_seq(),
+            seq = self._next_seq()
+            # Every request to it below this seq was answered (or missed, and then it is not in sync).
+            through = (min(ps.outstanding) if ps.outstanding else seq) - 1
+            info = dict(info, state=ps.state.state, seeded=ps.seeded, applied_through=through)
+            msg = rp.json_message(rp.CREATE, info, volume=self.repl_id, epoch=self.epoch, seq=seq,
                                   flags=rp.SESSION if session else 0)
             self._send_on_link(ps, msg, answered)  # counted: no direct write overtakes it (resize, epoch)
 
@@ -1770,32 +1773,31 @@ class Sink:
         self.applied[rp.NAMES[t]] += 1
         if t == rp.WRITE or t == rp.TRIM or t == rp.ZERO:
             # Client writes only: a RESYNC carries a new seq but brings a copy up to date, not ahead.
-            self._note_applied(volume, msg)
+            self._note_applied(volume.volume_id, volume.name, msg.volume, (msg.epoch, msg.seq))
         return self._ack(msg)
 
-    def _note_applied(self, volume, msg):
-        """Remember the last client write applied, in memory and in the volume's applied file (a
-        restart after kill -9 keeps the page cache, so the data, and must keep this with it)."""
-        pos = (msg.epoch, msg.seq)
-        if msg.volume not in self.applied_seq:
-            row = self.catalog.volume_by_repl_id(msg.volume)  # once per volume per process
-            self.applied_seq[msg.volume] = self.last_applied(msg.volume, row) if row is not None else (0, 0)
-        if pos <= self.applied_seq[msg.volume]:
+    def _note_applied(self, volume_id, name, repl_id, pos):
+        """Remember the last client write applied, (epoch, seq), in memory and in the volume's applied
+        file (a restart after kill -9 keeps the page cache, so the data, and must keep this with it)."""
+        if repl_id not in self.applied_seq:
+            row = self.catalog.volume_by_repl_id(repl_id)  # once per volume per process
+            self.applied_seq[repl_id] = self.last_applied(repl_id, row) if row is not None else (0, 0)
+        if pos <= self.applied_seq[repl_id]:
             return
-        self.applied_seq[msg.volume] = pos
+        self.applied_seq[repl_id] = pos
         try:
-            fd = self._applied_fds.get(msg.volume)
+            fd = self._applied_fds.get(repl_id)
             if fd is None:
-                path = self.engine.datadir.applied_path(volume.volume_id)
+                path = self.engine.datadir.applied_path(volume_id)
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # a trim first: no chunk yet
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                self._applied_fds[msg.volume] = fd
+                self._applied_fds[repl_id] = fd
             os.pwrite(fd, pos[0].to_bytes(8, "little") + pos[1].to_bytes(8, "little"), 0)
         except OSError as exc:
             # Only promotion reads it: an older value makes this copy look behind (refused, not wrong).
             self.refused["applied_file"] += 1
             if self.refused["applied_file"] == 1:
-                log(f"sink: {volume.name}: recording the last applied write: {exc}")
+                log(f"sink: {name}: recording the last applied write: {exc}")
 
     def _close_applied(self, repl_id):
         fd = self._applied_fds.pop(repl_id, None)
@@ -1877,6 +1879,10 @@ class Sink:
             state = row["sync_state"]  # an older CREATE than what last set it (a write refused here since)
         if (msg.epoch, msg.seq) > self._state_seq.get(msg.volume, (0, 0)):
             self._state_seq[msg.volume] = (msg.epoch, msg.seq)
+            if state == rp.IN_SYNC and isinstance(info.get("applied_through"), int):
+                # In sync, by its primary's count, with every request up to that seq (a resync included,
+                # which carried no client seqs): as far along as a copy that applied them one by one.
+                self._note_applied(row["id"], row["name"], msg.volume, (msg.epoch, info["applied_through"]))
         self.catalog.set_replica_view(row["id"], state, int(info.get("min_copies", 1)),
                                       _json.dumps(info.get("copies", [])))
         if msg.flags & rp.SESSION:

@@ -455,9 +455,9 @@ def test_a_recreated_empty_copy_says_so_until_its_full_resync_ends(pair):
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(sink.address)
 
-    def create(state, seq):
-        sock.send_multipart(rp.encode(rp.json_message(rp.CREATE, dict(info, state=state), volume=777, epoch=1,
-                                                      seq=seq)))
+    def create(state, seq, **extra):
+        sock.send_multipart(rp.encode(rp.json_message(rp.CREATE, dict(info, state=state, **extra), volume=777,
+                                                      epoch=1, seq=seq)))
         assert sock.poll(5000)
         reply = rp.decode(sock.recv_multipart())
         assert reply.type == rp.ACK, reply.json()
@@ -468,5 +468,9 @@ def test_a_recreated_empty_copy_says_so_until_its_full_resync_ends(pair):
         assert create("out_of_sync", 2) == (True, "empty")  # said again
         assert create("in_sync", 3) == (False, "in_sync")  # full resync done
         assert create("out_of_sync", 4) == (False, "out_of_sync")
+        # Resynced and in sync again, by the primary's count through seq 9: as far along as a copy that
+        # applied every write up to 9 (promotion compares this; a resync carries no client seqs).
+        assert create("in_sync", 10, applied_through=9) == (False, "in_sync")
+        assert sink.last_applied(777, sink.engine.catalog.volume_by_repl_id(777)) == (1, 9)
     finally:
         sock.close()
