@@ -9,6 +9,7 @@ nbdkit would otherwise build and delete one per request).  Usually
 started by ``blockd serve``, which takes the data-dir lock and passes it on.
 """
 
+import time
 import traceback
 
 import nbdkit
@@ -18,6 +19,13 @@ from blockd.errors import BlockdError
 from blockd.pythreads import keep as _keep_thread_state
 
 API_VERSION = 2
+
+# A failed request is answered no sooner than this.  A client that keeps a deep queue of writes to a
+# volume that fails them all at once (deleted, fenced, failed) gets tens of thousands of error replies a
+# second; if it then disconnects, nbdkit 1.32 can abort the whole server (connections.c: raw_send_socket:
+# Assertion `sock >= 0' failed: its reply threads race the closing connection).  Pacing the errors made
+# that go away in our reproduction (tests/integration/test_control.py); errors are the slow path anyway.
+ERROR_PACE_SECONDS = 0.005
 
 _format_exception = traceback.format_exception
 
@@ -40,6 +48,7 @@ def _fail(context, exc):
     nbdkit.set_error(err.errno)
     if isinstance(exc, (BlockdError, OSError)):
         err.blockd_expected = True
+        time.sleep(ERROR_PACE_SECONDS)
         raise err from None
     raise err
 
