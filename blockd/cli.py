@@ -415,8 +415,7 @@ def cmd_volume_show(args):
             }
             if row["role"] == "replica":
                 # What promotion compares: the catalog's (as of the last flush) or the applied file's, later.
-                applied = max((row["applied_epoch"] or 0, row["applied_seq"] or 0),
-                              datadir.applied_position(row["id"]))
+                applied = datadir.replica_applied(row)
                 info["replication"].update(sync_state=row["sync_state"], copies=len(json.loads(row["copies"] or "[]")),
                                            applied_epoch=applied[0], applied_seq=applied[1])
     if args.json:

@@ -105,6 +105,11 @@ class DataDir:
             return (0, 0)
         return (int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"))
 
+    def replica_applied(self, row):
+        """A replica copy's last applied client write, (epoch, seq), as its durable records have it: the
+        catalog row's (as of the last flush) or the applied file's, whichever is later."""
+        return max((row["applied_epoch"] or 0, row["applied_seq"] or 0), self.applied_position(row["id"]))
+
     def chunk_list_path(self, volume_id, peer):
         """Present while ``peer``'s list of chunks is still to be merged into its resync bitmap (after a
         promotion of a volume too big to compare whole: a chunk only the other copy holds is compared too)."""

@@ -230,10 +230,11 @@ class Engine:
         if row["role"] == "replica":
             import json
 
+            applied = self._applied(row)
             return {"role": "replica", "repl_id": row["repl_id"], "epoch": row["epoch"],
                     "min_copies": row["min_copies"], "sync_state": row["sync_state"],
                     "copies": len(json.loads(row["copies"] or "[]")), "fenced": False, "peers": {},
-                    "applied_epoch": self._applied(row)[0], "applied_seq": self._applied(row)[1]}
+                    "applied_epoch": applied[0], "applied_seq": applied[1]}
         with self._lock:
             entry = self._open.get(row["id"])
         vr = entry.volume.replication if entry is not None else None
@@ -414,7 +415,7 @@ class Engine:
         """This replica copy's last applied client write, (epoch, seq)."""
         if self.sink is not None:
             return self.sink.last_applied(row["repl_id"], row)
-        return max((row["applied_epoch"] or 0, row["applied_seq"] or 0), self.datadir.applied_position(row["id"]))
+        return self.datadir.replica_applied(row)
 
     @staticmethod
     def _ahead(answers, mine, named=str):

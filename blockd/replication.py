@@ -1811,9 +1811,9 @@ class Sink:
                           "(it counts as missed there): not applied over newer data", "stale_seq")
 
     def last_applied(self, repl_id, row):
-        """The seq of the last client write this copy applied: in this process, or as of its last flush."""
-        return max(self.applied_seq.get(repl_id, (0, 0)), (row["applied_epoch"] or 0, row["applied_seq"] or 0),
-                   self.engine.datadir.applied_position(row["id"]))
+        """(epoch, seq) of the last client write this copy applied: in this process, or as its durable
+        records have it."""
+        return max(self.applied_seq.get(repl_id, (0, 0)), self.engine.datadir.replica_applied(row))
 
     def _supersede(self, row, epoch):
         """A message at a newer epoch for a volume that is the primary here: a copy was promoted elsewhere.
