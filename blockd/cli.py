@@ -299,8 +299,8 @@ def cmd_serve(args):
     for key in ("ack_timeout", "write_timeout", "heartbeat", "resync_mibps"):
         if replication[key] is not None and not replication[key] > 0:
             raise BadInput(f"invalid --{key.replace('_', '-').replace('resync-mibps', 'resync-rate')}: must be positive")
-    server.serve(_datadir(args), args.listen, threads, args.verbose, metrics_text=args.metrics,
-                 replication=replication, cpu_policy=args.cpu_policy or server.DEFAULT_CPU_POLICY)
+    return server.serve(_datadir(args), args.listen, threads, args.verbose, metrics_text=args.metrics,
+                        replication=replication, cpu_policy=args.cpu_policy or server.DEFAULT_CPU_POLICY)
 
 
 def cmd_volume_create(args):

@@ -28,6 +28,7 @@ import time
 
 from . import errors, pythreads
 from .errors import BadInput, BlockdError, Busy
+from .serveinfo import serve_pid, serve_restarts
 from .sizes import check_name, check_volume_size
 
 SOCKET_NAME = "control.sock"
@@ -160,7 +161,7 @@ class ControlServer:
 
     # ---- operations ----------------------------------------------------------
     def _op_ping(self, request, emit):
-        return {"pid": os.getpid(), "metrics": self.metrics, "thread_states": pythreads.kept(),
+        return {"pid": serve_pid(), "nbdkit_pid": os.getpid(), "restarts": serve_restarts(), "metrics": self.metrics, "thread_states": pythreads.kept(),
                 "thread_states_deleted": pythreads.deleted}
 
     def _op_attached(self, request, emit):

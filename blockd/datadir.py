@@ -2,7 +2,8 @@
 
     <data dir>/
         catalog.db          SQLite catalog (WAL)
-        blockd.lock         flock: held by the process that writes volume data
+        blockd.lock         flock: held by the process that writes volume data (its text: the
+                            holder's pid, then its nbdkit child's when `blockd serve` runs one)
         volumes/<id>/       chunk files, created on first write
         locks/<id>.lock     flock: held while a volume is open (attached)
         resync/<id>.<peer>.log  chunks a replica missed (replication's resync bitmap)
@@ -20,6 +21,16 @@ from .errors import BadInput, BlockdError, Busy, ReadOnly
 from .fileio import fsync_dir
 
 ENV_DATA_DIR = "BLOCKD_DATA_DIR"
+
+
+def _alive(pid):
+    """Whether process ``pid`` exists and is not a zombie (a zombie holds no files any more)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] != b"Z"
 
 
 def default_data_dir():
@@ -140,13 +151,50 @@ class DataDir:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            holder = (self._holder_pids(fd) or ["another process"])[0]
             os.close(fd)
             raise Busy(f"data dir {self.path} is in use by blockd pid {holder}; stop it or use another --data-dir")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
         return fd
+
+    @staticmethod
+    def _holder_pids(fd):
+        text = os.pread(fd, 64, 0).decode(errors="replace")
+        return [w for w in text.split() if w.isdigit()]
+
+    @staticmethod
+    def record_holder(fd, child_pid):
+        """`blockd serve`: name its nbdkit child after its own pid in the lock file (see wait_for_dead_holder)."""
+        text = f"{os.getpid()}\n{child_pid}\n".encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text, 0)
+
+    def wait_for_dead_holder(self, timeout):
+        """If the lock is held but every pid recorded in it has exited (a server killed a moment ago whose
+        nbdkit child is still exiting), wait up to ``timeout`` seconds for the lock to be free.  Returns
+        at once when the lock is free or a recorded holder is alive (`lock` then refuses, naming it)."""
+        import time
+
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    return  # free (released when fd closes below)
+                except BlockingIOError:
+                    pass
+                pids = self._holder_pids(fd)
+                if not pids or any(_alive(int(p)) for p in pids) or time.monotonic() > deadline:
+                    return
+                time.sleep(0.02)
+        finally:
+            os.close(fd)
 
     def adopt_lock(self, fd):
         """Use a lock fd inherited from `blockd serve` (exec'd into nbdkit)."""

@@ -27,6 +27,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from . import __version__
 from .errors import BlockdError
+from .serveinfo import serve_pid, serve_restarts
 
 OPS = ("read", "write", "flush", "trim", "zero", "cache", "block_status")
 # 50 us .. 5 s: a cached 4 KiB read is ~30 us, a throttled or fsync'd one seconds.
@@ -238,8 +239,11 @@ class Metrics:
 
         yield InfoMetricFamily(
             "blockd_build", "blockd version and runtime",
-            value={"version": __version__, "python": platform.python_version(), "pid": str(os.getpid())},
+            value={"version": __version__, "python": platform.python_version(), "pid": str(serve_pid()),
+                   "nbdkit_pid": str(os.getpid())},
         )
+        yield CounterMetricFamily("blockd_server_restarts", "times blockd serve restarted a crashed nbdkit",
+                                  value=serve_restarts())
         req = CounterMetricFamily("blockd_requests", "NBD requests completed", labels=["volume", "op"])
         nbytes = CounterMetricFamily("blockd_request_bytes", "bytes covered by completed requests",
                                      labels=["volume", "op"])

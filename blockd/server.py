@@ -1,19 +1,31 @@
-"""``blockd serve``: turn options into an nbdkit command line and exec it.
+"""``blockd serve``: turn options into an nbdkit command line, run it, and restart it if it crashes.
 
-The serve PID becomes nbdkit's (exec, not fork), so ``kill -9`` of it is a
-real crash of the server and nothing is left orphaned.  The data-dir lock is
-taken here and inherited by nbdkit (the plugin adopts it), so a second server
-on the same data dir is refused before anything starts.  Owns finding
-nbdkit, the plugin and the Python path the embedded interpreter needs.
+``blockd serve`` stays as a small supervisor (one thread, no blockd state) with nbdkit as its child:
+nbdkit 1.32 itself can abort (``raw_send_socket: Assertion `sock >= 0' failed``) when a client hangs up
+with several replies on their way (its reply threads race the closing socket; measured in
+docs/ARCHITECTURE.md), which would otherwise end every volume's service on the node.  A child that dies
+of a signal nobody sent it through ``serve`` is started again at once; its volumes come back exactly as
+after ``kill -9`` (crash-consistent by design).  Only a child that keeps crashing right after it starts
+(RESTART_LIMIT times in a row, each within STARTUP_GRACE seconds: it cannot start) makes serve give up.
+SIGTERM, SIGINT, SIGHUP and SIGQUIT are passed on and end the supervisor with the child.  The child gets
+SIGKILL the moment the supervisor dies (PR_SET_PDEATHSIG), so ``kill -9`` of the serve PID is still a real
+crash of the server with nothing left serving.
+
+The data-dir lock is taken here and inherited by nbdkit (the plugin adopts it), so a second server on
+the same data dir is refused before anything starts.  Owns finding nbdkit, the plugin and the Python path
+the embedded interpreter needs.
 """
 
 import errno
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
 
-from . import jitcache
+from . import jitcache, serveinfo
 from .errors import BadInput, BlockdError, Refused
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
@@ -21,6 +33,10 @@ CPU_POLICIES = {"batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER}
 DEFAULT_CPU_POLICY = "batch"  # measured (docs/benchmarks.md): +30% replicated 4 KiB writes on a busy host
 DEFAULT_THREADS = 4  # per connection; measured best (tools/bench --sweep-threads): see docs/ARCHITECTURE.md
 URI_LIST_MAX = 20
+RESTART_LIMIT = 5  # nbdkit crashing this many times in a row, each within STARTUP_GRACE: serve gives up
+STARTUP_GRACE = 5.0  # seconds; a child that ran longer served, and its crash starts the count again
+PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+HOLDER_WAIT_SECONDS = 30.0  # a killed server's nbdkit still exiting: wait for it, then start
 
 
 def parse_listen(text, flag="--listen"):
@@ -178,6 +194,9 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise BlockdError("nbdkit not found: run `make setup` (installs nbdkit and nbdkit-plugin-python)")
+    # A server killed a moment ago (kill -9 of its serve PID) may still have its nbdkit exiting, holding
+    # the lock and the ports: wait for it rather than refuse.  A live server is refused below, as before.
+    datadir.wait_for_dead_holder(HOLDER_WAIT_SECONDS)
     # Ports first: a refused serve leaves nothing behind (not even a new data dir).
     if metrics is not None:
         check_port_free(*metrics, "metrics")
@@ -219,4 +238,60 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
         print(f"replication sink {replication['replication_listen']} ({mode}){held}", file=out)
     out.flush()
     set_cpu_policy(cpu_policy)
-    os.execve(nbdkit, cmd, env)
+    return supervise(cmd, env, lock_fd, listen, datadir)
+
+
+def _die_with_parent():
+    """In the child, before exec: SIGKILL when the supervisor dies (kept across exec)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+def supervise(cmd, env, lock_fd, listen, datadir, err=sys.stderr):
+    """Run nbdkit (``cmd``) as a child until it exits; restart it after a crash.  Returns the exit code
+    for ``blockd serve``: the child's, or 128+N if it ended by signal N that serve passed on."""
+    stop = []
+    child = None
+
+    def pass_on(signum, frame):
+        stop.append(signum)
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    for signum in PASSED_ON:
+        signal.signal(signum, pass_on)
+    quick = 0  # crashes in a row, each soon after its start
+    restarts = 0
+    while True:
+        env[serveinfo.ENV_PID] = str(os.getpid())
+        env[serveinfo.ENV_RESTARTS] = str(restarts)
+        started = time.monotonic()
+        child = subprocess.Popen(cmd, env=env, pass_fds=(lock_fd,), preexec_fn=_die_with_parent)
+        datadir.record_holder(lock_fd, child.pid)
+        if stop:  # a signal came while the child was being started
+            child.send_signal(stop[0])
+        code = child.wait()
+        if code >= 0:
+            return code
+        signum = -code
+        if stop or signum in PASSED_ON:
+            return 128 + signum
+        quick = quick + 1 if time.monotonic() - started < STARTUP_GRACE else 0
+        name = signal.Signals(signum).name
+        if quick >= RESTART_LIMIT:
+            print(f"blockd: nbdkit (pid {child.pid}) died of {name}, {quick} times in a row within "
+                  f"{STARTUP_GRACE:.0f} s of starting: giving up", file=err, flush=True)
+            return 1
+        restarts += 1
+        print(f"blockd: nbdkit (pid {child.pid}) died of {name}; restarting it (restart {restarts}): "
+              "every volume comes back as after a crash", file=err, flush=True)
+        if listen[0] == "unix":
+            try:
+                clear_stale_socket(listen[1])
+            except BlockdError as exc:
+                print(f"blockd: cannot restart: {exc}", file=err, flush=True)
+                return 1

@@ -67,6 +67,26 @@ def _pdeathsig():
         pass
 
 
+def serving_pid(pid):
+    """The process that serves: ``pid`` itself if it is nbdkit (the reference), else its nbdkit child
+    (``blockd serve`` supervises nbdkit); None if neither (not started yet, or gone)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() == "nbdkit":
+                return pid
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+        for child in children:
+            with open(f"/proc/{child}/comm") as f:
+                if f.read().strip() == "nbdkit":
+                    return child
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _probe_libnbd(uri):
     import nbd
 
@@ -107,7 +127,8 @@ class Server:
 
     @property
     def pid(self):
-        return self.proc.pid if self.proc else None
+        """The serving process: nbdkit (under `blockd serve`, its child)."""
+        return serving_pid(self.proc.pid) if self.proc else None
 
     def start(self, timeout=120):
         log = open(self.log_path, "ab")
@@ -164,7 +185,7 @@ class Server:
     def cpu_seconds(self):
         """user+system CPU of the server process (all threads), or None if gone."""
         try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
+            with open(f"/proc/{self.pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
         except (OSError, IndexError, ValueError, AttributeError):
@@ -172,7 +193,7 @@ class Server:
 
     def cmdline(self):
         try:
-            with open(f"/proc/{self.proc.pid}/cmdline", "rb") as f:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
                 return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
         except (OSError, AttributeError):
             return None

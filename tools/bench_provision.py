@@ -237,7 +237,7 @@ class Serve:
                 "ok": True}
 
     def status(self):
-        return read_proc_status(self.proc.pid)
+        return read_proc_status(bf.serving_pid(self.proc.pid))
 
     def stop(self, grace=10):
         if self.proc is None:

@@ -932,7 +932,7 @@ class ReplicationBench:
                 srv_b = b.server
                 ticks = {"a": thread_ticks(a.pid)}
                 if srv_b is not None and srv_b.proc is not None:
-                    ticks["b"] = thread_ticks(srv_b.proc.pid)
+                    ticks["b"] = thread_ticks(srv_b.pid)
                 if p is not None:
                     samples.append((t, p, ticks))
                 stop.wait(POLL)

@@ -45,7 +45,17 @@ def test_serve_prints_one_uri_per_volume(data_dir, cli, server_factory):
     assert f"b nbd+unix:///b?socket={srv.sock}" in out
 
 
-def test_serve_over_tcp_and_the_serve_pid_is_nbdkit(data_dir, cli, tmp_path):
+def _running(pid):
+    """Whether ``pid`` exists and is not a zombie (an orphan is reaped by whatever pid 1 is here)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_serve_over_tcp_supervises_nbdkit_and_kill_9_of_serve_takes_it_down(data_dir, cli, tmp_path):
+    import os
     import signal
     import socket
 
@@ -73,16 +83,29 @@ def test_serve_over_tcp_and_the_serve_pid_is_nbdkit(data_dir, cli, tmp_path):
                 return False
 
         wait_for(ready, timeout=120, what="serve on TCP")
-        with open(f"/proc/{proc.pid}/comm") as f:
-            assert f.read().strip() == "nbdkit"  # exec'd: kill -9 of this PID is a real crash
+        with open(data_dir / "blockd.lock") as f:
+            serve_pid, nbdkit_pid = map(int, f.read().split())
+        assert serve_pid == proc.pid
+        with open(f"/proc/{nbdkit_pid}/stat") as f:
+            stat = f.read()
+        assert stat.split(") ")[0].endswith("(nbdkit") and int(stat.split(") ")[1].split()[1]) == proc.pid
         info = subprocess.run(["nbdinfo", "--json", f"nbd://127.0.0.1:{port}/vol0"], capture_output=True, text=True)
         assert info.returncode == 0, info.stderr
         assert json.loads(info.stdout)["exports"][0]["export-size"] == 1 << 30
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signal.SIGKILL)  # kill -9 of the serve PID: a real crash, nbdkit goes with it
         proc.wait(30)
-        h = nbd.NBD()
-        with pytest.raises(nbd.Error):
-            h.connect_uri(f"nbd://127.0.0.1:{port}/vol0")  # nothing left serving
+
+        def gone():
+            h = nbd.NBD()
+            try:
+                h.connect_uri(f"nbd://127.0.0.1:{port}/vol0")
+            except nbd.Error:
+                return True
+            h.shutdown()
+            return False
+
+        wait_for(gone, timeout=10, what="nothing left serving after kill -9 of blockd serve")
+        wait_for(lambda: not _running(nbdkit_pid), timeout=10, what="nbdkit to exit with its supervisor")
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -128,6 +128,8 @@ def test_counters_match_the_traffic_exactly(mserver, data_dir, cli):
     assert value(s, "blockd_pool_overcommit_ratio") == pytest.approx(cap["overcommit_ratio"])
     info = [l for (n, l) in s if n == "blockd_build_info"]
     assert info and dict(info[0])["pid"] == str(mserver.proc.pid)
+    assert dict(info[0])["nbdkit_pid"] == str(mserver.nbdkit_pid())
+    assert value(s, "blockd_server_restarts_total") == 0
     assert value(s, "process_resident_memory_bytes") > 0
     h.shutdown()
     q.shutdown()
@@ -210,11 +212,11 @@ def _listening_tcp_ports(pid):
 
 
 def test_no_endpoint_without_metrics_and_two_nodes_do_not_collide(tmp_path, server_factory, cli, mserver):
-    assert _listening_tcp_ports(mserver.proc.pid) == {mserver.metrics_port}
+    assert _listening_tcp_ports(mserver.nbdkit_pid()) == {mserver.metrics_port}
     plain_dir = tmp_path / "plain"
     run_cli("volume", "create", "v", "--size", "1MiB", data_dir=plain_dir, check=True)
     plain = server_factory(plain_dir, name="plain.sock").start()
-    assert _listening_tcp_ports(plain.proc.pid) == set()
+    assert _listening_tcp_ports(plain.nbdkit_pid()) == set()
     other_dir = tmp_path / "other"
     run_cli("volume", "create", "v", "--size", "1MiB", data_dir=other_dir, check=True)
     port2 = free_port()

@@ -778,7 +778,7 @@ def test_a_stalled_replica_times_out_then_catches_up(cluster):
     a, b = cluster(2)
     a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", "--min-copies", "1", check=True)
     h = start_in_sync(a, [b], "v", 4, 8192)
-    b.server.proc.send_signal(signal.SIGSTOP)
+    os.kill(b.server.nbdkit_pid(), signal.SIGSTOP)  # nbdkit itself (serve only supervises it)
     try:
         cookies = [h.aio_pwrite(os.urandom(4096), c * CHUNK + 8192) for c in range(8)]
         while h.aio_in_flight() > 0:
@@ -788,7 +788,7 @@ def test_a_stalled_replica_times_out_then_catches_up(cluster):
         st = replication(a, "v")["peers"]["b"]
         assert st["state"] == "out_of_sync" and st["resync_remaining_chunks"] >= 8
     finally:
-        b.server.proc.send_signal(signal.SIGCONT)
+        os.kill(b.server.nbdkit_pid(), signal.SIGCONT)
     wait_in_sync(a, "v")
     h.pwrite(b"z" * 4096, 10 * CHUNK)  # new writes after the catch-up reach b again
     h.flush()

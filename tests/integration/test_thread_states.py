@@ -54,7 +54,8 @@ def test_every_server_thread_runs_under_the_chosen_cpu_policy(data_dir, server_f
         h = srv.connect("vol0")  # a connection's worker threads exist now
         try:
             h.pwrite(b"x" * 4096, 0)
-            assert _policies(srv.proc.pid) == {policy}
+            assert _policies(srv.proc.pid) == {policy}  # the supervisor
+            assert _policies(srv.nbdkit_pid()) == {policy}
         finally:
             h.shutdown()
         assert srv.stop() == 0
