@@ -166,15 +166,15 @@ class DataDir:
 
     @staticmethod
     def record_holder(fd, child_pid):
-        """`blockd serve`: name its nbdkit child after its own pid in the lock file (see wait_for_dead_holder)."""
-        text = f"{os.getpid()}\n{child_pid}\n".encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, text, 0)
+        """`blockd serve`: name its nbdkit child after its own pid in the lock file (see
+        wait_for_dead_holder).  Written in place, fixed width: a reader never sees it empty."""
+        os.pwrite(fd, f"{os.getpid():>10}\n{child_pid:>10}\n".encode(), 0)
 
     def wait_for_dead_holder(self, timeout):
-        """If the lock is held but every pid recorded in it has exited (a server killed a moment ago whose
-        nbdkit child is still exiting), wait up to ``timeout`` seconds for the lock to be free.  Returns
-        at once when the lock is free or a recorded holder is alive (`lock` then refuses, naming it)."""
+        """If the lock is held but the process that took it (the first pid recorded) has exited (a
+        `blockd serve` killed a moment ago: the kernel is still ending its nbdkit child, which dies with
+        it), wait up to ``timeout`` seconds for the lock to be free.  Returns at once when the lock is
+        free or its taker is alive (`lock` then refuses, naming it): this only ever delays a start."""
         import time
 
         try:
@@ -190,7 +190,7 @@ class DataDir:
                 except BlockingIOError:
                     pass
                 pids = self._holder_pids(fd)
-                if not pids or any(_alive(int(p)) for p in pids) or time.monotonic() > deadline:
+                if not pids or _alive(int(pids[0])) or time.monotonic() > deadline:
                     return
                 time.sleep(0.02)
         finally:

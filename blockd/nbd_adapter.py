@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+from . import serveinfo
 from .control import ControlServer
 from .datadir import DataDir
 from .engine import Engine
@@ -143,6 +144,7 @@ def after_fork():
     quit_fd = find_quit_pipe()
     if quit_fd is not None:
         threading.Thread(target=_watch_quit, args=(quit_fd,), name="blockd-quit", daemon=True).start()
+    serveinfo.notify_ready()
 
 
 def _persist_qos_loop():

@@ -574,16 +574,11 @@ class VolumeReplication:
 
         def answered(ok, reply):
             if not ok:
-                reason = reply
-                if isinstance(reply, rp.Message):
-                    try:
-                        body = reply.json()
-                    except rp.ProtocolError:
-                        body = {}
-                    if body.get("code") == "stale_epoch":
-                        self.manager.fence(self, body.get("epoch"), name)
-                        return
-                    reason = body.get("error", "refused")
+                body = _nack_body(reply)
+                if body.get("code") == "stale_epoch":
+                    self.manager.fence(self, body.get("epoch"), name)
+                    return
+                reason = _reason(reply) if reply is not None else None
                 ps.session_created = False
                 self._missed(name, ps, set(), reason or "no answer to CREATE", reset=False)
                 return
@@ -880,14 +875,8 @@ class VolumeReplication:
                 self._resync_from_here(name, ps, ticket, abandoned)  # applied there, not here
                 return
             chunks = set(ticket.chunks) | at_risk if at_risk else ticket.chunks
-            code = None
-            body = {}
-            if isinstance(reply, rp.Message) and reply.type == rp.NACK:
-                try:
-                    body = reply.json()
-                except rp.ProtocolError:
-                    body = {}
-                code = body.get("code")
+            body = _nack_body(reply)
+            code = body.get("code")
             if code == "stale_epoch":
                 self.manager.fence(self, body.get("epoch"), name)
                 with self._cond:
@@ -1619,10 +1608,7 @@ class Sink:
     def _behind(self, msg, reply):
         """This copy refused a write it was sent: it lacks it (not for a sender that is stale or a volume
         that is not a replica here: those change nothing here)."""
-        try:
-            code = reply.json().get("code")
-        except rp.ProtocolError:
-            code = None
+        code = _nack_code(reply)
         if code in ("stale_epoch", "unknown_volume", "not_replica", "malformed"):
             return
         try:

@@ -5,8 +5,9 @@ nbdkit 1.32 itself can abort (``raw_send_socket: Assertion `sock >= 0' failed``)
 with several replies on their way (its reply threads race the closing socket; measured in
 docs/ARCHITECTURE.md), which would otherwise end every volume's service on the node.  A child that dies
 of a signal nobody sent it through ``serve`` is started again at once; its volumes come back exactly as
-after ``kill -9`` (crash-consistent by design).  Only a child that keeps crashing right after it starts
-(RESTART_LIMIT times in a row, each within STARTUP_GRACE seconds: it cannot start) makes serve give up.
+after ``kill -9`` (crash-consistent by design).  Only a child that keeps crashing before it serves
+(RESTART_LIMIT times in a row: it cannot start; the plugin says when it serves through a pipe,
+serveinfo.notify_ready) makes serve give up.
 SIGTERM, SIGINT, SIGHUP and SIGQUIT are passed on and end the supervisor with the child.  The child gets
 SIGKILL the moment the supervisor dies (PR_SET_PDEATHSIG), so ``kill -9`` of the serve PID is still a real
 crash of the server with nothing left serving.
@@ -33,8 +34,7 @@ CPU_POLICIES = {"batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER}
 DEFAULT_CPU_POLICY = "batch"  # measured (docs/benchmarks.md): +30% replicated 4 KiB writes on a busy host
 DEFAULT_THREADS = 4  # per connection; measured best (tools/bench --sweep-threads): see docs/ARCHITECTURE.md
 URI_LIST_MAX = 20
-RESTART_LIMIT = 5  # nbdkit crashing this many times in a row, each within STARTUP_GRACE: serve gives up
-STARTUP_GRACE = 5.0  # seconds; a child that ran longer served, and its crash starts the count again
+RESTART_LIMIT = 5  # nbdkit crashing this many times in a row before it served: serve gives up
 PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 HOLDER_WAIT_SECONDS = 30.0  # a killed server's nbdkit still exiting: wait for it, then start
 
@@ -241,19 +241,41 @@ def serve(datadir, listen_text=DEFAULT_LISTEN, threads=DEFAULT_THREADS, verbose=
     return supervise(cmd, env, lock_fd, listen, datadir)
 
 
-def _die_with_parent():
-    """In the child, before exec: SIGKILL when the supervisor dies (kept across exec)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
+def _die_with_parent(libc, parent):
+    """In the child, before exec: SIGKILL when the supervisor (``parent``) dies; kept across exec."""
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
         os._exit(1)
+
+
+def _signal_name(signum):
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"  # real-time signals have no name here
+
+
+def _die_of(signum):
+    """End this process by ``signum`` (as nbdkit did), so a service manager sees what it sent."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return 128 + signum  # not reached for a signal that terminates
+
+
+def _got_ready(fd):
+    """Whether the child wrote its ready byte (serveinfo.notify_ready) before it died."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 1) == b"r"
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def supervise(cmd, env, lock_fd, listen, datadir, err=sys.stderr):
     """Run nbdkit (``cmd``) as a child until it exits; restart it after a crash.  Returns the exit code
-    for ``blockd serve``: the child's, or 128+N if it ended by signal N that serve passed on."""
+    for ``blockd serve``: the child's; if the child died of a signal serve passed on, serve dies of it too."""
     stop = []
     child = None
 
@@ -264,31 +286,49 @@ def supervise(cmd, env, lock_fd, listen, datadir, err=sys.stderr):
 
     for signum in PASSED_ON:
         signal.signal(signum, pass_on)
-    quick = 0  # crashes in a row, each soon after its start
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it
+    me = os.getpid()
+    quick = 0  # crashes in a row before serving (during start)
     restarts = 0
     while True:
-        env[serveinfo.ENV_PID] = str(os.getpid())
+        if stop:  # asked to stop while restarting: start nothing
+            return _die_of(stop[0])
+        ready_r, ready_w = os.pipe()
+        env[serveinfo.ENV_PID] = str(me)
         env[serveinfo.ENV_RESTARTS] = str(restarts)
-        started = time.monotonic()
-        child = subprocess.Popen(cmd, env=env, pass_fds=(lock_fd,), preexec_fn=_die_with_parent)
-        datadir.record_holder(lock_fd, child.pid)
+        env[serveinfo.ENV_READY_FD] = str(ready_w)
+        try:
+            child = subprocess.Popen(cmd, env=env, pass_fds=(lock_fd, ready_w),
+                                     preexec_fn=lambda: _die_with_parent(libc, me))
+        finally:
+            os.close(ready_w)
+        try:
+            datadir.record_holder(lock_fd, child.pid)
+        except OSError as exc:  # e.g. a full disk: the lock itself still holds
+            print(f"blockd: warning: cannot record nbdkit's pid in the lock file: {exc.strerror}", file=err)
         if stop:  # a signal came while the child was being started
             child.send_signal(stop[0])
         code = child.wait()
+        served = _got_ready(ready_r)
         if code >= 0:
             return code
         signum = -code
         if stop or signum in PASSED_ON:
-            return 128 + signum
-        quick = quick + 1 if time.monotonic() - started < STARTUP_GRACE else 0
-        name = signal.Signals(signum).name
+            return _die_of(signum) if signum in PASSED_ON else 128 + signum
+        quick = 0 if served else quick + 1
+        name = _signal_name(signum)
         if quick >= RESTART_LIMIT:
-            print(f"blockd: nbdkit (pid {child.pid}) died of {name}, {quick} times in a row within "
-                  f"{STARTUP_GRACE:.0f} s of starting: giving up", file=err, flush=True)
+            print(f"blockd: nbdkit (pid {child.pid}) died of {name} while starting, {quick} times in a row: "
+                  "giving up", file=err, flush=True)
             return 1
         restarts += 1
-        print(f"blockd: nbdkit (pid {child.pid}) died of {name}; restarting it (restart {restarts}): "
+        print(f"blockd: nbdkit (pid {child.pid}) died of {name}"
+              f"{'' if served else ' while starting'}; restarting it (restart {restarts}): "
               "every volume comes back as after a crash", file=err, flush=True)
+        if quick:
+            time.sleep(min(0.5 * quick, 2.0))  # it could not start: do not spin
         if listen[0] == "unix":
             try:
                 clear_stale_socket(listen[1])

@@ -181,10 +181,7 @@ class Server:
             return None
         child = None
         if sig == signal.SIGKILL and self.proc.poll() is None:
-            try:
-                child = self.nbdkit_pid()
-            except (OSError, AssertionError, ValueError):
-                child = None  # not started yet
+            child = self.nbdkit_pid()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         if child is not None:
@@ -209,11 +206,22 @@ class Server:
         return self.stop(signal.SIGKILL)
 
     def nbdkit_pid(self):
-        """The pid of the nbdkit that `blockd serve` (self.proc, its supervisor) runs now."""
-        with open(os.path.join(self.data_dir, "blockd.lock")) as f:
-            pids = f.read().split()
-        assert len(pids) == 2 and int(pids[0]) == self.proc.pid, pids
-        return int(pids[1])
+        """The pid of the nbdkit that `blockd serve` (self.proc, its supervisor) runs now; None between
+        a crash and its restart."""
+        pid = self.proc.pid
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            return None
+        for child in children:
+            try:
+                with open(f"/proc/{child}/comm") as f:
+                    if f.read().strip() == "nbdkit" and _running(child):
+                        return child
+            except OSError:
+                pass
+        return None
 
     def connect(self, name):
         import nbd
