@@ -450,6 +450,13 @@ class Catalog:
         with self.transaction() as db:
             db.execute("UPDATE volumes SET sync_state='out_of_sync' WHERE repl_id=? AND role='replica'", (repl_id,))
 
+    def mark_replica_lost(self, volume_id):
+        """A replica copy whose data is gone (DataDir.replica_copy_lost): empty, nothing applied, until its
+        primary's full resync ends and says in sync."""
+        with self.transaction() as db:
+            db.execute("UPDATE volumes SET sync_state='empty', applied_epoch=0, applied_seq=0 "
+                       "WHERE id=? AND role='replica'", (volume_id,))
+
     def set_replica_view(self, volume_id, sync_state, min_copies, copies_json):
         """What a replica's primary last told it: its sync state, the quorum, every copy."""
         with self.transaction() as db:

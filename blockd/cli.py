@@ -416,7 +416,7 @@ def cmd_volume_show(args):
             if row["role"] == "replica":
                 # What promotion compares: the catalog's (as of the last flush) or the applied file's, later.
                 applied = datadir.replica_applied(row)
-                info["replication"].update(sync_state=row["sync_state"], copies=len(json.loads(row["copies"] or "[]")),
+                info["replication"].update(sync_state=datadir.replica_sync_state(row), copies=len(json.loads(row["copies"] or "[]")),
                                            applied_epoch=applied[0], applied_seq=applied[1])
     if args.json:
         _print(info)

@@ -118,8 +118,22 @@ class DataDir:
 
     def replica_applied(self, row):
         """A replica copy's last applied client write, (epoch, seq), as its durable records have it: the
-        catalog row's (as of the last flush) or the applied file's, whichever is later."""
+        catalog row's (as of the last flush) or the applied file's, whichever is later; (0, 0) for a copy
+        whose data is gone (replica_copy_lost)."""
+        if self.replica_copy_lost(row):
+            return (0, 0)
         return max((row["applied_epoch"] or 0, row["applied_seq"] or 0), self.applied_position(row["id"]))
+
+    def replica_copy_lost(self, row):
+        """A replica copy whose data is gone: the catalog says it applied client writes (as of a flush),
+        but its volume directory, which holds every chunk and the applied file, is missing (wiped by
+        hand, a replaced disk).  Its reads would be zeros; it is not a copy of anything."""
+        return (row["role"] == "replica" and (row["applied_epoch"] or 0, row["applied_seq"] or 0) > (0, 0)
+                and not os.path.isdir(self.volume_path(row["id"])))
+
+    def replica_sync_state(self, row):
+        """The sync state to show and decide on: ``empty`` for a lost copy, else what its primary last said."""
+        return "empty" if self.replica_copy_lost(row) else row["sync_state"]
 
     def chunk_list_path(self, volume_id, peer):
         """Present while ``peer``'s list of chunks is still to be merged into its resync bitmap (after a

@@ -232,7 +232,7 @@ class Engine:
 
             applied = self._applied(row)
             return {"role": "replica", "repl_id": row["repl_id"], "epoch": row["epoch"],
-                    "min_copies": row["min_copies"], "sync_state": row["sync_state"],
+                    "min_copies": row["min_copies"], "sync_state": self.datadir.replica_sync_state(row),
                     "copies": len(json.loads(row["copies"] or "[]")), "fenced": False, "peers": {},
                     "applied_epoch": applied[0], "applied_seq": applied[1]}
         with self._lock:
@@ -315,7 +315,10 @@ class Engine:
         except ValueError:
             raise BadInput(f"invalid BLOCKD_FULL_COMPARE_LIMIT {limit_text!r}: a number of bytes") from None
         reasons = []
-        if row["sync_state"] != "in_sync":
+        if self.datadir.replica_copy_lost(row):
+            reasons.append("its data is gone here (its volume directory is missing though it had applied "
+                           "writes): only a full resync from its primary makes it a copy again")
+        elif row["sync_state"] != "in_sync":
             reasons.append(f"its primary last reported it {row['sync_state'] or 'not yet in sync'}")
         others = [c for c in copies if c.get("key") != own]
         known = {p["address"]: p["name"] for p in self.catalog.peers()}

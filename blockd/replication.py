@@ -1513,7 +1513,18 @@ class Sink:
         self._sock = None
         self._thread = None
 
+    def _mark_lost_copies(self):
+        """Replica copies whose data went while this node was down (a wiped volume directory, a replaced
+        disk) are marked empty before any primary asks: the next CREATE answers `created` (its primary
+        resyncs it fully) and promotion refuses it.  Unmarked, it said in_sync and held zeros."""
+        for row in self.catalog.volumes():
+            if self.engine.datadir.replica_copy_lost(row):
+                self.catalog.mark_replica_lost(row["id"])
+                log(f"sink: replica {row['name']}: its data is gone (no volume directory though it had applied "
+                    f"writes): marked empty until its primary resyncs it fully")
+
     def start(self):
+        self._mark_lost_copies()
         self.ctx = zmq.Context()  # its own (and its own I/O thread): stop() can end it alone
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -1857,9 +1868,10 @@ class Sink:
                 kept.pop(msg.volume, None)
             if info.get("seeded"):
                 state = EMPTY  # the primary had a copy here: this one is empty until fully resynced
-        elif row["sync_state"] == EMPTY and state != rp.IN_SYNC:
+        elif row["sync_state"] == EMPTY and (state != rp.IN_SYNC or msg.flags & rp.SESSION):
             # Still empty: said again (the answer that said so may have been lost) until the primary's
-            # full resync ends and it says in sync.
+            # full resync ends and it says in sync.  A session CREATE (an open, a reconnect) saying in
+            # sync comes from a primary that does not know yet (a copy lost while this node was down).
             state, created = EMPTY, True
         elif (msg.epoch, msg.seq) < self._state_seq.get(msg.volume, (0, 0)):
             state = row["sync_state"]  # an older CREATE than what last set it (a write refused here since)

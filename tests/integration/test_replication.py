@@ -797,6 +797,32 @@ def test_a_stalled_replica_times_out_then_catches_up(cluster):
     h.shutdown()
 
 
+def test_a_replica_whose_data_is_wiped_while_its_node_is_down_is_empty_and_resynced_fully(cluster):
+    """b's volume directory is wiped while b is down and a has the volume closed: a still takes b for in
+    sync.  b says `empty` (also with no server), refuses promotion, and answers a's next open `created`,
+    so a resyncs every chunk; then the copies are identical.  Before, b said in_sync and held zeros."""
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
+    start_in_sync(a, [b], "v", 4, 64 * 1024).shutdown()  # the last connection: the volume closes on a
+    vid = js(b.cli("volume", "show", "v", "--json", check=True))["id"]
+    assert b.server.stop() == 0
+    shutil.rmtree(os.path.join(b.data, "volumes", str(vid)))
+    shown = replication(b, "v")  # no server on b
+    assert shown["sync_state"] == "empty" and (shown["applied_epoch"], shown["applied_seq"]) == (0, 0)
+    refused = b.cli("volume", "promote", "v")
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert "data is gone" in refused.stderr
+    b.start()
+    assert replication(b, "v")["sync_state"] == "empty"
+    h = a.connect("v")  # its CREATE says in_sync; b answers created: a full resync
+    wait_for(lambda: replication(a, "v")["peers"]["b"].get("resynced_bytes", 0) >= 4 * 64 * 1024,
+             60, interval=0.1, what="a full resync of b")
+    wait_in_sync(a, "v")
+    assert verify(a, "v")["identical"]
+    assert replication(b, "v")["sync_state"] == "in_sync"
+    h.shutdown()
+
+
 def test_a_lost_replica_leaves_its_primary_writable_across_reopens_and_promote_force_after_a_restart(cluster):
     """min-copies 1 carries on without the replica: also for the next connection (confirmed once in
     this process), and after a restart, where no peer can confirm the epoch, by the operator's

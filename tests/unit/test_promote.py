@@ -28,7 +28,17 @@ def replica(tmp_path):
     row = cat.create_replica("v", 1 << 20, "raw", 42, 1, 2)
     cat.set_replica_view(row["id"], "in_sync", 2, json.dumps([OTHERS[0], OTHERS[1], PRIMARY]))
     cat.set_applied(row["id"], (1, 100))
+    os.makedirs(rig.datadir.volume_path(row["id"]))  # where its data is (chunks, the applied file)
     return rig, row
+
+
+def test_a_copy_whose_data_is_gone_is_refused_whatever_the_others_say(replica):
+    """Its volume directory is missing though it applied writes (wiped): not a copy of anything."""
+    rig, row = replica
+    os.rmdir(rig.datadir.volume_path(row["id"]))
+    with pytest.raises(Refused, match=r"its data is gone here"):
+        rig.engine.promote("v", own_key="KB", survivors=lambda copies, rid, epoch=0: answers(100, epoch or 1))
+    assert rig.engine.catalog.volume("v")["role"] == "replica"
 
 
 def answers(c_seq, c_epoch=1, primary=None):
