@@ -128,8 +128,15 @@ class DataDir:
         """A replica copy whose data is gone: the catalog says it applied client writes (as of a flush),
         but its volume directory, which holds every chunk and the applied file, is missing (wiped by
         hand, a replaced disk).  Its reads would be zeros; it is not a copy of anything."""
-        return (row["role"] == "replica" and (row["applied_epoch"] or 0, row["applied_seq"] or 0) > (0, 0)
-                and not os.path.isdir(self.volume_path(row["id"])))
+        if row["role"] != "replica" or (row["applied_epoch"] or 0, row["applied_seq"] or 0) <= (0, 0):
+            return False
+        try:
+            os.stat(self.volume_path(row["id"]))
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # EACCES, EIO: not known to be gone
+        return False
 
     def replica_sync_state(self, row):
         """The sync state to show and decide on: ``empty`` for a lost copy, else what its primary last said."""

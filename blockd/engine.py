@@ -318,6 +318,8 @@ class Engine:
         if self.datadir.replica_copy_lost(row):
             reasons.append("its data is gone here (its volume directory is missing though it had applied "
                            "writes): only a full resync from its primary makes it a copy again")
+        elif row["sync_state"] == "empty":
+            reasons.append("it is empty here (recreated, or its data was lost) until its primary's full resync ends")
         elif row["sync_state"] != "in_sync":
             reasons.append(f"its primary last reported it {row['sync_state'] or 'not yet in sync'}")
         others = [c for c in copies if c.get("key") != own]
@@ -338,15 +340,17 @@ class Engine:
             # Another survivor may hold acknowledged writes this one lacks.  Ask them (their sinks);
             # promote only the most up-to-date one.
             reasons += self._ahead(answers, mine, named)
-            unknown = [c["address"] for c in others if answers.get(c.get("address")) is None]
+            # A copy that answered `empty` (recreated, or its data lost) says nothing of what it held.
+            unknown = [c["address"] for c in others
+                       if answers.get(c.get("address")) is None or answers[c["address"]].get("sync_state") == "empty"]
             # An acknowledged write is on at least min_copies copies; the ones that answered are covered
             # (this copy is in sync and at least as far along), so it can be missing here only if
             # min_copies copies did not answer (the old primary among them).
             if len(unknown) >= row["min_copies"]:
                 reasons.append(
                     f"writes needed only {row['min_copies']} of {len(copies)} copies and "
-                    f"{', '.join(map(named, unknown))} did not answer, so this copy cannot be known to be the most up to "
-                    "date"
+                    f"{', '.join(map(named, unknown))} did not answer (or are empty), so this copy cannot be known "
+                    "to be the most up to date"
                 )
         if reasons and not force:
             raise Refused(f"refusing to promote {name}: " + "; ".join(reasons) + "; --force promotes it anyway "

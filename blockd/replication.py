@@ -34,6 +34,7 @@ import zmq
 
 from . import checksum, pythreads, replproto as rp
 from .errors import BadInput, BlockdError, NotFound, ReadOnly, Refused, VolumeFailed
+from .fileio import fsync_dir
 from .geometry import BLOCK_SIZE
 from .intent import IntentLog
 from .volume import block_hashes
@@ -1505,6 +1506,7 @@ class Sink:
         self._applied_fds = {}  # repl_id -> fd of the volume's applied file (DataDir.applied_path)
         self._chunk_lists = {}  # repl_id -> (monotonic time, sorted chunk indexes): CHUNKS pages from one listing
         self._state_seq = {}  # repl_id -> (epoch, seq) of what last set its sync state (a CREATE, a refused write)
+        self._empty_since = {}  # repl_id -> (epoch, seq) of the last CREATE answered `created` while empty
         self._volumes = {}  # repl_id -> (Volume opened for the sink, the epoch last checked in the catalog)
         self._cache_lock = threading.Lock()  # the sink thread fills the cache; promotion (drop) empties it
         self._uncached = {}  # repl_id promoted here -> its new epoch: not cached while messages are at or below it
@@ -1516,7 +1518,12 @@ class Sink:
     def _mark_lost_copies(self):
         """Replica copies whose data went while this node was down (a wiped volume directory, a replaced
         disk) are marked empty before any primary asks: the next CREATE answers `created` (its primary
-        resyncs it fully) and promotion refuses it.  Unmarked, it said in_sync and held zeros."""
+        resyncs it fully) and promotion refuses it.  Unmarked, it said in_sync and held zeros.  Not when
+        the whole volumes directory is missing (an unmounted disk?): then nothing is marked for good, but
+        each such copy still shows empty and promotion refuses it (DataDir.replica_copy_lost)."""
+        if not os.path.isdir(self.engine.datadir.volumes_path):
+            log(f"sink: {self.engine.datadir.volumes_path} is missing: replica copies not checked")
+            return
         for row in self.catalog.volumes():
             if self.engine.datadir.replica_copy_lost(row):
                 self.catalog.mark_replica_lost(row["id"])
@@ -1709,7 +1716,7 @@ class Sink:
                 row = self.catalog.volume_by_repl_id(msg.volume)
             applied = self.last_applied(msg.volume, row)
             return rp.json_message(rp.ACK, {"epoch": row["epoch"], "role": row["role"],
-                                            "sync_state": row["sync_state"],
+                                            "sync_state": self.engine.datadir.replica_sync_state(row),
                                             "applied_epoch": applied[0], "applied_seq": applied[1]},
                                    volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
         volume = self._volume(msg)
@@ -1781,15 +1788,20 @@ class Sink:
             self.applied_seq[repl_id] = self.last_applied(repl_id, row) if row is not None else (0, 0)
         if pos <= self.applied_seq[repl_id]:
             return
-        self.applied_seq[repl_id] = pos
         try:
             fd = self._applied_fds.get(repl_id)
             if fd is None:
                 path = self.engine.datadir.applied_path(volume_id)
-                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # a trim first: no chunk yet
+                folder = os.path.dirname(path)
+                if not os.path.isdir(folder):  # a trim first, or nothing written: no chunk yet
+                    # Durably: a volume directory missing after a power cut, with a position in the
+                    # catalog, would read as a lost copy (DataDir.replica_copy_lost).
+                    os.makedirs(folder, mode=0o700, exist_ok=True)
+                    fsync_dir(os.path.dirname(folder))
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 self._applied_fds[repl_id] = fd
             os.pwrite(fd, pos[0].to_bytes(8, "little") + pos[1].to_bytes(8, "little"), 0)
+            self.applied_seq[repl_id] = pos  # only once recorded: a flush makes it durable in the catalog
         except OSError as exc:
             # Only promotion reads it: an older value makes this copy look behind (refused, not wrong).
             self.refused["applied_file"] += 1
@@ -1864,15 +1876,17 @@ class Sink:
         if created:
             # A new copy here: nothing this process remembers of an earlier one with this id counts.
             self._close_applied(msg.volume)
-            for kept in (self.applied_seq, self._persisted_seq, self._chunk_lists, self._state_seq):
+            for kept in (self.applied_seq, self._persisted_seq, self._chunk_lists, self._state_seq,
+                         self._empty_since):
                 kept.pop(msg.volume, None)
             if info.get("seeded"):
                 state = EMPTY  # the primary had a copy here: this one is empty until fully resynced
-        elif row["sync_state"] == EMPTY and (state != rp.IN_SYNC or msg.flags & rp.SESSION):
+        elif row["sync_state"] == EMPTY and not self._filled(msg, info, state):
             # Still empty: said again (the answer that said so may have been lost) until the primary's
-            # full resync ends and it says in sync.  A session CREATE (an open, a reconnect) saying in
-            # sync comes from a primary that does not know yet (a copy lost while this node was down).
+            # full resync ends and it says in sync.
             state, created = EMPTY, True
+        if created and state == EMPTY:
+            self._empty_since[msg.volume] = (msg.epoch, msg.seq)
         elif (msg.epoch, msg.seq) < self._state_seq.get(msg.volume, (0, 0)):
             state = row["sync_state"]  # an older CREATE than what last set it (a write refused here since)
         if (msg.epoch, msg.seq) > self._state_seq.get(msg.volume, (0, 0)):
@@ -1891,6 +1905,17 @@ class Sink:
         reply = {"created": created, "epoch": msg.epoch, "role": "replica", "applied_epoch": applied[0],
                  "applied_seq": applied[1]}
         return rp.json_message(rp.ACK, reply, volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
+
+    def _filled(self, msg, info, state):
+        """Whether a CREATE for a copy that is empty here says its primary's full resync has ended: it
+        says in sync, is not a session CREATE (an open or a reconnect says in sync from a primary that
+        does not know yet: a copy lost while this node was down), and every request up to the last
+        CREATE answered `created` was answered before it was sent (``applied_through``): a CREATE sent
+        before the primary read that answer (a resize, a new quorum) does not count."""
+        since = self._empty_since.get(msg.volume)
+        through = info.get("applied_through")
+        return (state == rp.IN_SYNC and not msg.flags & rp.SESSION and since is not None
+                and isinstance(through, int) and (msg.epoch, through) >= since)
 
     def drop(self, repl_id, epoch):
         """Forget an open replica (it is being promoted here, to ``epoch``) and cache it no more until a

@@ -112,3 +112,19 @@ def test_another_promotion_announcing_the_same_epoch_first_refuses(replica):
     with pytest.raises(Refused, match="another promotion announced epoch 2"):
         rig.engine.promote("v", own_key="KB", survivors=survivors)
     assert rig.engine.catalog.volume("v")["role"] == "replica"
+
+
+def test_a_copy_that_answers_empty_vouches_for_nothing(replica):
+    """3 copies, min 2: a write acknowledged by a and c, then a dies and c comes back wiped (empty, its
+    position gone).  c answering must not count as covering it: with a silent, the write may be on no
+    copy that answered, so promoting b is refused."""
+    rig, row = replica
+
+    def survivors(copies, repl_id, epoch=0):
+        out = answers(0, epoch or 1)
+        out[OTHERS[1]["address"]].update(sync_state="empty", applied_epoch=0)
+        return out
+
+    with pytest.raises(Refused, match=r"did not answer \(or are empty\)"):
+        rig.engine.promote("v", own_key="KB", survivors=survivors)
+    assert rig.engine.catalog.volume("v")["role"] == "replica"

@@ -466,7 +466,7 @@ def test_a_recreated_empty_copy_says_so_until_its_full_resync_ends(pair):
     try:
         assert create("in_sync", 1) == (True, "empty")  # (this answer "lost")
         assert create("out_of_sync", 2) == (True, "empty")  # said again
-        assert create("in_sync", 3) == (False, "in_sync")  # full resync done
+        assert create("in_sync", 3, applied_through=2) == (False, "in_sync")  # full resync done, seq 2 answered
         assert create("out_of_sync", 4) == (False, "out_of_sync")
         # Resynced and in sync again, by the primary's count through seq 9: as far along as a copy that
         # applied every write up to 9 (promotion compares this; a resync carries no client seqs).

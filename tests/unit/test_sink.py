@@ -76,3 +76,34 @@ def test_failed_requests_do_not_pile_up_references_to_the_replica(sink):
         reply = ask(rp.Message(rp.READ, volume=REPL_ID, epoch=1, seq=seq, offset=0, length=4096))
         assert reply.type == rp.NACK and reply.json()["code"] == "error"
     assert volume_id not in rig.engine._open or rig.engine._open[volume_id].refs <= 1
+
+
+def _create_with(ask, seq, flags=0, **extra):
+    info = {"name": "v", "size": 1 << 20, "type": "raw", "chunk_size": 64 * 1024, "min_copies": 2, **extra}
+    reply = ask(rp.json_message(rp.CREATE, info, volume=REPL_ID, epoch=1, seq=seq, flags=flags))
+    assert reply.type == rp.ACK, reply.json()
+    return reply.json()
+
+
+def test_an_empty_copy_stays_empty_until_a_create_sent_after_its_full_resync(sink):
+    """A copy recreated empty where the primary had one answers `created` until the primary says in sync
+    in a CREATE sent after it read that answer (applied_through covers it): a CREATE the primary sent
+    before (a resize, a new quorum, saying in_sync from what it knew) must not make it look in sync
+    while the full resync still runs (a promotion there would take a copy half filled)."""
+    rig, s, ask = sink
+    state = lambda: rig.engine.catalog.volume("v")["sync_state"]  # noqa: E731
+    assert _create_with(ask, 5, flags=rp.SESSION, state="in_sync", seeded=True, applied_through=4)["created"]
+    assert state() == "empty"
+    early = _create_with(ask, 6, state="in_sync", seeded=True, applied_through=4)  # 5 not answered yet
+    assert early["created"] and state() == "empty"
+    done = _create_with(ask, 9, state="in_sync", seeded=True, applied_through=8)  # after the resync
+    assert not done["created"] and state() == "in_sync"
+
+
+def test_a_session_create_saying_in_sync_does_not_clear_an_empty_copy(sink):
+    """An open or a reconnect says in sync from what the primary knew (a copy lost while this node was
+    down): still created."""
+    rig, s, ask = sink
+    assert _create_with(ask, 5, flags=rp.SESSION, state="in_sync", seeded=True, applied_through=4)["created"]
+    again = _create_with(ask, 20, flags=rp.SESSION, state="in_sync", seeded=True, applied_through=19)
+    assert again["created"] and rig.engine.catalog.volume("v")["sync_state"] == "empty"
