@@ -388,7 +388,7 @@ def cmd_volume_show(args):
     connections = 0
     live = None
     try:
-        sock = control.connect(datadir.path)
+        sock = control.connect_serving(datadir)
     except control.NoServer:
         info["server"] = False
     else:
@@ -1063,7 +1063,7 @@ def cmd_status(args):
         raise BadInput(f"invalid --metrics-url {url!r}: expected http://HOST:PORT/metrics")
     if url is None:
         try:
-            sock = control.connect(datadir.path)
+            sock = control.connect_serving(datadir)
         except control.NoServer:
             raise Refused(f"no server is running on data dir {datadir.path} (blockd serve --metrics HOST:PORT)") from None
         ping = control.call(sock, "ping")

@@ -393,6 +393,22 @@ def _error_from(reply):
     return exc
 
 
+def connect_serving(datadir, timeout=None):
+    """A connected socket to the running server, waiting (up to ``timeout``) through a restart of its
+    nbdkit: while `blockd serve` holds the data dir but its control socket does not answer yet.
+    NoServer at once when no server holds the data dir."""
+    deadline = time.monotonic() + (SERVER_START_WAIT_SECONDS if timeout is None else timeout)
+    delay = 0.02
+    while True:
+        try:
+            return connect(datadir.path)
+        except NoServer:
+            if not datadir.serve_holds_lock() or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
 def wait_for_server_or_lock(datadir, timeout=None):
     """Either a connected control socket (a server runs) or the data-dir lock fd (offline).
 

@@ -217,6 +217,25 @@ class DataDir:
         finally:
             os.close(fd)
 
+    def serve_holds_lock(self):
+        """Whether a live `blockd serve` holds the data-dir lock (its lock file names it, then its nbdkit):
+        a server, perhaps between a crash of its nbdkit and the restart.  False when the lock is free or
+        an offline command holds it."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                pass
+            pids = self._holder_pids(fd)
+            return len(pids) == 2 and _alive(int(pids[0]))
+        finally:
+            os.close(fd)
+
     def adopt_lock(self, fd):
         """Use a lock fd inherited from `blockd serve` (exec'd into nbdkit)."""
         try:

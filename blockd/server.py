@@ -275,7 +275,8 @@ def _got_ready(fd):
 
 def supervise(cmd, env, lock_fd, listen, datadir, err=sys.stderr):
     """Run nbdkit (``cmd``) as a child until it exits; restart it after a crash.  Returns the exit code
-    for ``blockd serve``: the child's; if the child died of a signal serve passed on, serve dies of it too."""
+    for ``blockd serve``: the child's; 0 when it ended by a stop signal serve passed on (also one that
+    came while nbdkit was starting); 128+N when it died of signal N while stopping."""
     stop = []
     child = None
 
@@ -294,7 +295,7 @@ def supervise(cmd, env, lock_fd, listen, datadir, err=sys.stderr):
     restarts = 0
     while True:
         if stop:  # asked to stop while restarting: start nothing
-            return _die_of(stop[0])
+            return 0
         ready_r, ready_w = os.pipe()
         env[serveinfo.ENV_PID] = str(me)
         env[serveinfo.ENV_RESTARTS] = str(restarts)
@@ -313,12 +314,20 @@ def supervise(cmd, env, lock_fd, listen, datadir, err=sys.stderr):
         code = child.wait()
         served = _got_ready(ready_r)
         if code >= 0:
+            if not stop:
+                print(f"blockd: nbdkit (pid {child.pid}) exited with status {code} (stopped directly, not "
+                      "through blockd serve): serve stops too", file=err, flush=True)
             return code
         signum = -code
-        if stop or signum in PASSED_ON:
-            return _die_of(signum) if signum in PASSED_ON else 128 + signum
-        quick = 0 if served else quick + 1
         name = _signal_name(signum)
+        if signum in PASSED_ON:
+            # Stopped as asked (before nbdkit could handle the signal: still starting), or by someone
+            # who signalled nbdkit directly: not a crash.
+            return 0 if stop else _die_of(signum)
+        if stop:
+            print(f"blockd: nbdkit (pid {child.pid}) died of {name} while stopping", file=err, flush=True)
+            return 128 + signum
+        quick = 0 if served else quick + 1
         if quick >= RESTART_LIMIT:
             print(f"blockd: nbdkit (pid {child.pid}) died of {name} while starting, {quick} times in a row: "
                   "giving up", file=err, flush=True)

@@ -157,6 +157,8 @@ def test_a_crashed_nbdkit_is_restarted_and_every_volume_is_served_again(server, 
     h.pwrite(data, 4096)  # acknowledged, not flushed
     first = server.nbdkit_pid()
     os.kill(first, signal.SIGABRT)  # what nbdkit's own failed assertion does
+    # Right away, in the restart window: show and status wait for the new nbdkit, as live commands do.
+    assert js(cli("volume", "show", "vol0", "--json", check=True))["server"] is True
     second = _next_nbdkit(server, first)
     server.wait_ready()
     with pytest.raises(nbd.Error):
@@ -180,6 +182,23 @@ def test_a_crashed_nbdkit_is_restarted_and_every_volume_is_served_again(server, 
     last = server.nbdkit_pid()
     assert server.stop() == 0  # SIGTERM is passed on; nbdkit exits cleanly and serve with it
     assert not os.path.exists(f"/proc/{last}") or open(f"/proc/{last}/stat").read().rsplit(") ", 1)[1][0] == "Z"
+
+
+def test_a_stop_while_nbdkit_starts_is_a_clean_stop_and_nbdkit_stopped_directly_stops_serve(server, cli):
+    """SIGTERM to serve while its new nbdkit is still loading (it cannot handle it yet): exit 0, nothing
+    left.  SIGTERM straight to nbdkit (not through serve): serve stops too, saying so, not a restart."""
+    first = server.nbdkit_pid()
+    os.kill(first, signal.SIGABRT)
+    starting = _next_nbdkit(server, first)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0
+    wait_for(lambda: not os.path.exists(f"/proc/{starting}") or
+             open(f"/proc/{starting}/stat").read().rsplit(") ", 1)[1][0] == "Z", 30, what="nbdkit gone")
+    server.stop()
+    server.start()
+    os.kill(server.nbdkit_pid(), signal.SIGTERM)
+    assert server.proc.wait(60) == 0
+    assert "stopped directly, not through blockd serve" in server.log()
 
 
 def test_serve_gives_up_on_an_nbdkit_that_keeps_crashing_as_it_starts(server):
