@@ -4,8 +4,10 @@
 nbdkit 1.32 itself can abort (``raw_send_socket: Assertion `sock >= 0' failed``) when a client hangs up
 with several replies on their way (its reply threads race the closing socket; measured in
 docs/ARCHITECTURE.md), which would otherwise end every volume's service on the node.  A child that dies
-of a signal nobody sent it through ``serve`` is started again at once; its volumes come back exactly as
-after ``kill -9`` (crash-consistent by design).  Only a child that keeps crashing before it serves
+of a crash signal (CRASH_SIGNALS: SIGABRT from a failed assertion, SIGSEGV, ...) is started again at
+once; its volumes come back exactly as after ``kill -9`` (crash-consistent by design).  Any other death
+(``kill -9`` of nbdkit's pid, the OOM killer) ends serve too, as when serve exec'd nbdkit: whoever
+killed it meant the server (a service manager restarts it).  Only a child that keeps crashing before it serves
 (RESTART_LIMIT times in a row: it cannot start; the plugin says when it serves through a pipe,
 serveinfo.notify_ready) makes serve give up.
 SIGTERM, SIGINT, SIGHUP and SIGQUIT are passed on and end the supervisor with the child.  The child gets
@@ -36,6 +38,7 @@ DEFAULT_THREADS = 4  # per connection; measured best (tools/bench --sweep-thread
 URI_LIST_MAX = 20
 RESTART_LIMIT = 5  # nbdkit crashing this many times in a row before it served: serve gives up
 PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+CRASH_SIGNALS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGSYS)
 HOLDER_WAIT_SECONDS = 30.0  # a killed server's nbdkit still exiting: wait for it, then start
 
 
@@ -326,6 +329,9 @@ def supervise(cmd, env, lock_fd, listen, datadir, err=sys.stderr):
             return 0 if stop else _die_of(signum)
         if stop:
             print(f"blockd: nbdkit (pid {child.pid}) died of {name} while stopping", file=err, flush=True)
+            return 128 + signum
+        if signum not in CRASH_SIGNALS:  # killed from outside (kill -9, the OOM killer): the server ends
+            print(f"blockd: nbdkit (pid {child.pid}) was killed ({name}): serve stops too", file=err, flush=True)
             return 128 + signum
         quick = 0 if served else quick + 1
         if quick >= RESTART_LIMIT:

@@ -184,7 +184,7 @@ def test_a_crashed_nbdkit_is_restarted_and_every_volume_is_served_again(server, 
     assert not os.path.exists(f"/proc/{last}") or open(f"/proc/{last}/stat").read().rsplit(") ", 1)[1][0] == "Z"
 
 
-def test_a_stop_while_nbdkit_starts_is_a_clean_stop_and_nbdkit_stopped_directly_stops_serve(server, cli):
+def test_a_stop_while_nbdkit_starts_is_a_clean_stop_and_nbdkit_stopped_or_killed_directly_stops_serve(server, cli):
     """SIGTERM to serve while its new nbdkit is still loading (it cannot handle it yet): exit 0, nothing
     left.  SIGTERM straight to nbdkit (not through serve): serve stops too, saying so, not a restart."""
     first = server.nbdkit_pid()
@@ -199,6 +199,14 @@ def test_a_stop_while_nbdkit_starts_is_a_clean_stop_and_nbdkit_stopped_directly_
     os.kill(server.nbdkit_pid(), signal.SIGTERM)
     assert server.proc.wait(60) == 0
     assert "stopped directly, not through blockd serve" in server.log()
+    server.stop()
+    server.start()  # kill -9 of nbdkit's pid (not a crash from within): the server ends, as before
+    os.kill(server.nbdkit_pid(), signal.SIGKILL)
+    assert server.proc.wait(60) == 128 + signal.SIGKILL
+    assert "was killed (SIGKILL): serve stops too" in server.log()
+    server.stop()
+    server.start()  # and a serve started again at once gets the data dir
+    assert js(cli("volume", "show", "vol0", "--json", check=True))["server"] is True
 
 
 def test_serve_gives_up_on_an_nbdkit_that_keeps_crashing_as_it_starts(server):
