@@ -347,6 +347,6 @@ def supervise(cmd, env, lock_fd, listen, datadir, err=sys.stderr):
         if listen[0] == "unix":
             try:
                 clear_stale_socket(listen[1])
-            except BlockdError as exc:
+            except (BlockdError, OSError) as exc:
                 print(f"blockd: cannot restart: {exc}", file=err, flush=True)
                 return 1
