@@ -450,6 +450,12 @@ class Catalog:
         with self.transaction() as db:
             db.execute("UPDATE volumes SET sync_state='out_of_sync' WHERE repl_id=? AND role='replica'", (repl_id,))
 
+    def mark_replicas_unconfirmed(self):
+        """At a sink's start: every replica copy its primary last said was in sync becomes `unconfirmed`
+        until a primary says so again (this node was down: its primary may have gone on without it)."""
+        with self.transaction() as db:
+            db.execute("UPDATE volumes SET sync_state='unconfirmed' WHERE role='replica' AND sync_state='in_sync'")
+
     def mark_replica_lost(self, volume_id):
         """A replica copy whose data is gone (DataDir.replica_copy_lost): empty, nothing applied, until its
         primary's full resync ends and says in sync."""

@@ -320,7 +320,15 @@ class Engine:
                            "writes): only a full resync from its primary makes it a copy again")
         elif row["sync_state"] == "empty":
             reasons.append("it is empty here (recreated, or its data was lost) until its primary's full resync ends")
-        elif row["sync_state"] != "in_sync":
+        elif row["sync_state"] == "unconfirmed" and not (copies and row["min_copies"] < len(copies)):
+            # Every copy had to have each write (min_copies = copies): only a lowered quorum could have
+            # left this one behind, and nothing else here can tell.  (With fewer, the other copies'
+            # answers decide, below.)
+            last = self._applied(row)
+            reasons.append("this node restarted since its primary last said this copy was in sync, and no primary "
+                           "has said so since: writes acknowledged meanwhile (after `volume set --min-copies 1`) "
+                           f"may be missing here; the last write it applied: epoch {last[0]} seq {last[1]}")
+        elif row["sync_state"] not in ("in_sync", "unconfirmed"):
             reasons.append(f"its primary last reported it {row['sync_state'] or 'not yet in sync'}")
         others = [c for c in copies if c.get("key") != own]
         known = {p["address"]: p["name"] for p in self.catalog.peers()}
@@ -433,7 +441,7 @@ class Engine:
         if not ahead:
             return []
         addr, st = max(ahead, key=lambda a: pos(a[1]))
-        which = ("promote that one" if st.get("sync_state") == "in_sync"
+        which = ("promote that one" if st.get("sync_state") in ("in_sync", "unconfirmed")
                  else f"though {st.get('sync_state') or 'not known to be in sync'} there: no copy is known "
                       "to hold every acknowledged write")
         return [f"the copy at {named(addr)} applied later writes (epoch {pos(st)[0]} seq {pos(st)[1]} > epoch {mine[0]} "

@@ -1532,6 +1532,10 @@ class Sink:
 
     def start(self):
         self._mark_lost_copies()
+        # This node was down (or its server restarted): while it was, a primary whose quorum was lowered
+        # (volume set --min-copies 1) may have acknowledged writes it never got.  Until a primary says
+        # again that a copy is in sync, promotion refuses it (it cannot be known to hold them).
+        self.catalog.mark_replicas_unconfirmed()
         self.ctx = zmq.Context()  # its own (and its own I/O thread): stop() can end it alone
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)

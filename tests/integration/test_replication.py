@@ -665,7 +665,7 @@ def test_three_copies_promotion_requires_the_most_up_to_date_survivor(cluster):
     c.start()
     assert replication(c, "v")["applied_seq"] == offline["applied_seq"]
     b.start()
-    assert replication(b, "v")["sync_state"] == "in_sync"
+    assert replication(b, "v")["sync_state"] == "unconfirmed"  # restarted: its primary has not said since
     # b believes it is in sync, but c (asked over its sink) is ahead: b must not be promoted.
     refused = b.cli("volume", "promote", "v")
     assert refused.returncode == 1 and "applied later writes" in refused.stderr, refused.stderr
@@ -794,6 +794,47 @@ def test_a_stalled_replica_times_out_then_catches_up(cluster):
     h.flush()
     assert verify(a, "v")["identical"]
     assert "Traceback" not in a.server.log()
+    h.shutdown()
+
+
+def test_a_replica_restarted_while_its_primary_went_on_with_fewer_copies_is_not_promoted_without_force(cluster):
+    """From a black-box run: b killed (in sync), a lowers --min-copies to 1 and acknowledges writes b never
+    gets, a dies, b starts again.  b cannot know the quorum was lowered: it was down, and no primary has
+    said it is in sync since.  Promotion refuses it (one line, naming why and its last applied write);
+    --force promotes it, saying so.  Before, b still said in_sync and was promoted without them."""
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
+    start_in_sync(a, [b], "v", 2, 4096).shutdown()
+    b.server.kill9()
+    a.cli("volume", "set", "v", "--min-copies", "1", check=True)
+    h = a.connect("v")
+    h.pwrite(b"L" * 4096, 3 * CHUNK)  # acknowledged by a alone
+    h.flush()
+    h.shutdown()
+    a.server.kill9()
+    b.start()
+    assert replication(b, "v")["sync_state"] == "unconfirmed"
+    refused = b.cli("volume", "promote", "v")
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert "restarted since its primary last said this copy was in sync" in refused.stderr
+    assert js(b.cli("volume", "show", "v", "--json", check=True))["role"] == "replica"
+    forced = b.cli("volume", "promote", "v", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "warning: forced although this node restarted" in forced.stdout
+    assert js(b.cli("volume", "show", "v", "--json", check=True))["role"] == "primary"
+
+
+def test_a_restarted_replica_is_in_sync_again_once_its_primary_says_so(cluster):
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", check=True)
+    h = start_in_sync(a, [b], "v", 1, 4096)
+    b.server.stop()
+    wait_for(lambda: replication(a, "v")["peers"]["b"]["state"] == "out_of_sync", 30, what="a sees b gone")
+    b.start()
+    h.pwrite(b"n" * 4096, 0)  # a reconnects: its CREATE says in sync again (after the resync)
+    h.flush()
+    wait_in_sync(a, "v")
+    wait_for(lambda: replication(b, "v")["sync_state"] == "in_sync", 60, interval=0.1, what="b confirmed")
     h.shutdown()
 
 
