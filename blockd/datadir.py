@@ -191,6 +191,21 @@ class DataDir:
         wait_for_dead_holder).  Written in place, fixed width: a reader never sees it empty."""
         os.pwrite(fd, f"{os.getpid():>10}\n{child_pid:>10}\n".encode(), 0)
 
+    def _lock_holders(self):
+        """The pids recorded by whoever holds the data-dir lock now, or None if it is free (or absent)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None  # free (released when fd closes below)
+            except BlockingIOError:
+                return self._holder_pids(fd)
+        finally:
+            os.close(fd)
+
     def wait_for_dead_holder(self, timeout):
         """If the lock is held but the process that took it (the first pid recorded) has exited (a
         `blockd serve` killed a moment ago: the kernel is still ending its nbdkit child, which dies with
@@ -198,43 +213,19 @@ class DataDir:
         free or its taker is alive (`lock` then refuses, naming it): this only ever delays a start."""
         import time
 
-        try:
-            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    return  # free (released when fd closes below)
-                except BlockingIOError:
-                    pass
-                pids = self._holder_pids(fd)
-                if not pids or _alive(int(pids[0])) or time.monotonic() > deadline:
-                    return
-                time.sleep(0.02)
-        finally:
-            os.close(fd)
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self._lock_holders()
+            if not pids or _alive(int(pids[0])) or time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
 
     def serve_holds_lock(self):
         """Whether a live `blockd serve` holds the data-dir lock (its lock file names it, then its nbdkit):
         a server, perhaps between a crash of its nbdkit and the restart.  False when the lock is free or
         an offline command holds it."""
-        try:
-            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return False
-            except BlockingIOError:
-                pass
-            pids = self._holder_pids(fd)
-            return len(pids) == 2 and _alive(int(pids[0]))
-        finally:
-            os.close(fd)
+        pids = self._lock_holders()
+        return bool(pids) and len(pids) == 2 and _alive(int(pids[0]))
 
     def adopt_lock(self, fd):
         """Use a lock fd inherited from `blockd serve` (exec'd into nbdkit)."""

@@ -315,12 +315,13 @@ class Engine:
         except ValueError:
             raise BadInput(f"invalid BLOCKD_FULL_COMPARE_LIMIT {limit_text!r}: a number of bytes") from None
         reasons = []
+        partial = bool(copies) and row["min_copies"] < len(copies)  # writes did not need every copy
         if self.datadir.replica_copy_lost(row):
             reasons.append("its data is gone here (its volume directory is missing though it had applied "
                            "writes): only a full resync from its primary makes it a copy again")
         elif row["sync_state"] == "empty":
             reasons.append("it is empty here (recreated, or its data was lost) until its primary's full resync ends")
-        elif row["sync_state"] == "unconfirmed" and not (copies and row["min_copies"] < len(copies)):
+        elif row["sync_state"] == "unconfirmed" and not partial:
             # Every copy had to have each write (min_copies = copies): only a lowered quorum could have
             # left this one behind, and nothing else here can tell.  (With fewer, the other copies'
             # answers decide, below.)
@@ -342,7 +343,6 @@ class Engine:
             if st and st.get("role") == "primary" and (st.get("epoch", 0) > row["epoch"] or (
                     st.get("epoch", 0) == row["epoch"] and addr not in my_primary)):
                 reasons.append(f"the copy at {named(addr)} is already the primary at epoch {st['epoch']} (promoted there)")
-        partial = bool(copies) and row["min_copies"] < len(copies)  # writes did not need every copy
         mine = self._applied(row)
         if partial:
             # Another survivor may hold acknowledged writes this one lacks.  Ask them (their sinks);

@@ -105,7 +105,7 @@ def run_in_threads(target, args_list):
     return errors
 
 
-def _running(pid):
+def running(pid):
     """Whether ``pid`` exists and is not a zombie (a zombie has let go of its files and sockets)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -191,7 +191,7 @@ class Server:
                 os.kill(child, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            wait_for(lambda: not _running(child), 30, interval=0.005, what="nbdkit to die")
+            wait_for(lambda: not running(child), 30, interval=0.005, what="nbdkit to die")
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -217,7 +217,7 @@ class Server:
         for child in children:
             try:
                 with open(f"/proc/{child}/comm") as f:
-                    if f.read().strip() == "nbdkit" and _running(child):
+                    if f.read().strip() == "nbdkit" and running(child):
                         return child
             except OSError:
                 pass

@@ -8,7 +8,7 @@ import stat
 import nbd
 import pytest
 
-from conftest import ROOT, control, control_raw, js, run_cli, wait_for
+from conftest import ROOT, control, control_raw, js, run_cli, running, wait_for
 
 MiB = 1 << 20
 PRIME_DAY = os.path.join(ROOT, "tools", "plans", "prime-day-2020.toml")
@@ -181,7 +181,7 @@ def test_a_crashed_nbdkit_is_restarted_and_every_volume_is_served_again(server, 
     h.shutdown()
     last = server.nbdkit_pid()
     assert server.stop() == 0  # SIGTERM is passed on; nbdkit exits cleanly and serve with it
-    assert not os.path.exists(f"/proc/{last}") or open(f"/proc/{last}/stat").read().rsplit(") ", 1)[1][0] == "Z"
+    assert not running(last)
 
 
 def test_a_stop_while_nbdkit_starts_is_a_clean_stop_and_nbdkit_stopped_or_killed_directly_stops_serve(server, cli):
@@ -192,8 +192,7 @@ def test_a_stop_while_nbdkit_starts_is_a_clean_stop_and_nbdkit_stopped_or_killed
     starting = _next_nbdkit(server, first)
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(60) == 0
-    wait_for(lambda: not os.path.exists(f"/proc/{starting}") or
-             open(f"/proc/{starting}/stat").read().rsplit(") ", 1)[1][0] == "Z", 30, what="nbdkit gone")
+    wait_for(lambda: not running(starting), 30, what="nbdkit gone")
     server.stop()
     server.start()
     os.kill(server.nbdkit_pid(), signal.SIGTERM)

@@ -45,15 +45,6 @@ def test_serve_prints_one_uri_per_volume(data_dir, cli, server_factory):
     assert f"b nbd+unix:///b?socket={srv.sock}" in out
 
 
-def _running(pid):
-    """Whether ``pid`` exists and is not a zombie (an orphan is reaped by whatever pid 1 is here)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_serve_over_tcp_supervises_nbdkit_and_kill_9_of_serve_takes_it_down(data_dir, cli, tmp_path):
     import os
     import signal
@@ -61,7 +52,7 @@ def test_serve_over_tcp_supervises_nbdkit_and_kill_9_of_serve_takes_it_down(data
 
     import nbd
 
-    from conftest import BLOCKD, ROOT, wait_for
+    from conftest import BLOCKD, ROOT, running, wait_for
 
     cli("volume", "create", "vol0", "--size", "1GiB", check=True)
     probe = socket.socket()
@@ -105,7 +96,7 @@ def test_serve_over_tcp_supervises_nbdkit_and_kill_9_of_serve_takes_it_down(data
             return False
 
         wait_for(gone, timeout=10, what="nothing left serving after kill -9 of blockd serve")
-        wait_for(lambda: not _running(nbdkit_pid), timeout=10, what="nbdkit to exit with its supervisor")
+        wait_for(lambda: not running(nbdkit_pid), timeout=10, what="nbdkit to exit with its supervisor")
     finally:
         if proc.poll() is None:
             proc.kill()
