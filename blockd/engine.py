@@ -261,20 +261,21 @@ class Engine:
 
         Its open Volume is retired (every request fails with EIO; nothing is
         flushed) and its lock is let go at once, so the sink can open the
-        replica for the new primary's resync.
+        replica for the new primary's resync.  False if there was nothing to fence.
         """
         if not self.catalog.adopt_epoch(volume_id, epoch):
-            return  # already at that epoch or a newer one (promoted here since): nothing to fence
+            return False  # already at that epoch or a newer one (promoted here since): nothing to fence
         self._drop_bitmaps(volume_id)  # its peers' resync bitmaps mean nothing now; late answers record nothing
         with self._lock:
             entry = self._open.pop(volume_id, None)
             if entry is None:
-                return
+                return True
             entry.volume.retire(f"fenced: a newer primary holds epoch {epoch}")
             entry.remove_files = False
             self._retired[volume_id] = entry
             os.close(entry.lock_fd)
             entry.lock_fd = None
+        return True
 
     def _drop_bitmaps(self, volume_id):
         if self.replication is not None:

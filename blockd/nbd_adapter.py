@@ -139,6 +139,9 @@ def after_fork():
         allowed = [p["public_key"] for p in _engine.catalog.peers() if p["public_key"]]
         _sink = Sink(_engine, _config["replication_listen"], manager.keys, manager.settings, allowed).start()
         _engine.sink = _sink
+    if _engine.replication is not None:
+        # A replica promoted while this node was down: this primary learns it now, not at its next open.
+        threading.Thread(target=_engine.replication.check_epochs, name="blockd-epoch-check", daemon=True).start()
     _control = ControlServer(_engine.datadir.path, _engine, metrics=_config.get("metrics"), sink=_sink).start()
     threading.Thread(target=_persist_qos_loop, name="blockd-qos-persist", daemon=True).start()
     quit_fd = find_quit_pipe()

@@ -1459,6 +1459,43 @@ class Manager:
         except Exception as exc:
             log(f"{vr.volume.name}: fencing: {exc}")
 
+    def check_epochs(self, stopping=None, give_up_after=300.0):
+        """At start: ask the copies of every replicated volume this node is primary for which epoch they
+        hold.  A newer one means a copy was promoted while this node was down: this copy is fenced now
+        (`volume show` says replica at once and its new primary resyncs it), not only when a client opens
+        it here.  Copies that do not answer are asked again, backing off, for ``give_up_after`` seconds;
+        nothing is confirmed this way (an open's CREATE does that).  Runs on its own thread."""
+        stopping = stopping or threading.Event()
+        deadline = time.monotonic() + give_up_after
+        pause = 0.5
+        asked = set()  # (volume id, address) that answered
+        while not stopping.is_set():
+            unanswered = 0
+            for row in self.catalog.volumes():
+                if row["role"] != "primary" or row["repl_id"] is None:
+                    continue
+                copies = [{"address": p["address"], "key": p["public_key"]}
+                          for p in self.catalog.volume_replicas(row["id"])
+                          if (row["id"], p["address"]) not in asked]
+                if not copies:
+                    continue
+                answers = self.query_copies(copies, row["repl_id"])
+                newer = [(a["epoch"], address) for address, a in answers.items()
+                         if a is not None and isinstance(a.get("epoch"), int) and a["epoch"] > row["epoch"]]
+                asked.update((row["id"], address) for address, a in answers.items() if a is not None)
+                unanswered += sum(1 for a in answers.values() if a is None)
+                if newer:
+                    epoch, by = max(newer)
+                    vr = self.volume(row["id"])
+                    if vr is not None and vr.epoch < epoch:
+                        self.fence(vr, epoch, by)  # opened meanwhile: fenced as at its first answer
+                    elif vr is None and self.engine.fence(row["id"], epoch):
+                        log(f"{row['name']}: peer {by} holds epoch {epoch} > {row['epoch']}: fenced, now a replica")
+            if not unanswered or time.monotonic() > deadline:
+                return
+            stopping.wait(pause)
+            pause = min(pause * 2, 10.0)
+
     def volume(self, volume_id):
         with self._lock:
             return self._volumes.get(volume_id)

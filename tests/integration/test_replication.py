@@ -457,6 +457,25 @@ def test_failover_promote_then_the_old_primary_is_fenced_and_resynced(cluster):
     hb.shutdown()
 
 
+def test_a_restarted_old_primary_learns_at_start_that_it_was_superseded(cluster):
+    """From a black-box run: a killed, b promoted, nobody opens the volume on b; a restarts.  Before,
+    `volume show` on a said primary at epoch 1 until a client opened it there (its writes refused then,
+    fenced).  Now a asks its copies at start: b holds epoch 2, so a is a replica at once, unopened."""
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", check=True)
+    start_in_sync(a, [b], "v", 1, 4096).shutdown()
+    a.server.kill9()
+    assert js(b.cli("volume", "promote", "v", "--json", check=True))["epoch"] == 2
+    a.start()
+    wait_for(lambda: js(a.cli("volume", "show", "v", "--json"))["role"] == "replica", 30, what="a fenced")
+    shown = replication(a, "v")
+    assert shown["role"] == "replica" and shown["epoch"] == 2, shown
+    assert "holds epoch 2 > 1: fenced" in a.server.log()
+    with pytest.raises(nbd.Error):
+        a.connect("v")  # not exported: a replica now
+    assert replication(b, "v")["role"] == "primary"
+
+
 def test_after_promoting_a_big_volume_a_chunk_only_the_old_primary_holds_is_compared(cluster, monkeypatch):
     """Above BLOCKD_FULL_COMPARE_LIMIT a promotion compares the chunks either copy holds, not every
     chunk: a chunk only the old primary wrote (never acknowledged by the new one) must be among them."""
