@@ -739,8 +739,10 @@ def cmd_keys_generate(args):
     if args.json:
         _print({"key_dir": key_dir, "public_key": public})
     else:
-        print(f"public key {public}")
-        print(f"(in {key_dir}; give it to peers: blockd peer add NAME tcp://HOST:PORT --public-key='{public}')")
+        # stdout is the key alone (PUB=$(blockd keys generate) works); the hint is for a person.
+        print(public)
+        print(f"blockd: key pair written to {key_dir}; give the public key to peers: "
+              f"blockd peer add NAME tcp://HOST:PORT --public-key='{public}'", file=sys.stderr)
 
 
 def cmd_keys_show(args):

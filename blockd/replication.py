@@ -1474,12 +1474,13 @@ class Manager:
             for row in self.catalog.volumes():
                 if row["role"] != "primary" or row["repl_id"] is None:
                     continue
+                # Only copies that exist (seeded: a CREATE was answered); a refusal is an answer too.
                 copies = [{"address": p["address"], "key": p["public_key"]}
                           for p in self.catalog.volume_replicas(row["id"])
-                          if (row["id"], p["address"]) not in asked]
+                          if p["seeded"] and (row["id"], p["address"]) not in asked]
                 if not copies:
                     continue
-                answers = self.query_copies(copies, row["repl_id"])
+                answers = self.query_copies(copies, row["repl_id"], refusals=True)
                 newer = [(a["epoch"], address) for address, a in answers.items()
                          if a is not None and isinstance(a.get("epoch"), int) and a["epoch"] > row["epoch"]]
                 asked.update((row["id"], address) for address, a in answers.items() if a is not None)
@@ -1515,8 +1516,9 @@ class Manager:
         for done in events:
             done.wait(self.settings.ack_timeout * 2)
 
-    def query_copies(self, copies, repl_id, epoch=0):
-        return query_copies(copies, self.keys, repl_id, self.settings.insecure, self.settings.ack_timeout, epoch)
+    def query_copies(self, copies, repl_id, epoch=0, refusals=False):
+        return query_copies(copies, self.keys, repl_id, self.settings.insecure, self.settings.ack_timeout, epoch,
+                            refusals)
 
     def links(self):
         with self._lock:
@@ -1971,9 +1973,9 @@ class Sink:
                 "volumes": len(self._volumes)}
 
 
-def query_copies(copies, keys, repl_id, insecure=False, timeout=2.0, epoch=0):
+def query_copies(copies, keys, repl_id, insecure=False, timeout=2.0, epoch=0, refusals=False):
     """Ask each copy's sink for its state of a volume: {address: {"epoch", "role", "sync_state",
-    "applied_seq"} or None if it does not answer}.  Used by promotion to find the most up-to-date survivor,
+    "applied_seq"} or None if it does not answer (with ``refusals``, a refusal is {"refused": code})}.  Used by promotion to find the most up-to-date survivor,
     and, with ``epoch``, to announce a promotion's new epoch: a copy below it takes it (a primary there is
     fenced), so the old primary's writes are refused there from then on."""
     ctx = zmq.Context.instance()
@@ -1995,7 +1997,10 @@ def query_copies(copies, keys, repl_id, insecure=False, timeout=2.0, epoch=0):
             sock.send_multipart(rp.encode(msg))
             if sock.poll(int(timeout * 1000)):
                 reply = rp.decode(sock.recv_multipart())
-                out[address] = reply.json() if reply.type == rp.ACK else None
+                if reply.type == rp.ACK:
+                    out[address] = reply.json()
+                else:
+                    out[address] = {"refused": _nack_code(reply)} if refusals else None
             else:
                 out[address] = None
         except (zmq.ZMQError, rp.ProtocolError):

@@ -353,7 +353,9 @@ def test_refusals_for_replication_setup(tmp_path):
     bad = run_cli("peer", "add", "p", "tcp://127.0.0.1:9", "--public-key", "short", data_dir=d)
     assert bad.returncode == 2 and "public key" in bad.stderr
     key_dir = tmp_path / "k"
-    assert run_cli("keys", "generate", "--key-dir", key_dir).returncode == 0
+    made = run_cli("keys", "generate", "--key-dir", key_dir)
+    assert made.returncode == 0 and made.stdout.strip() == keyfiles.load_public(str(key_dir))
+    assert len(made.stdout.splitlines()) == 1 and str(key_dir) in made.stderr  # scripts take stdout
     assert oct(os.stat(key_dir / "node.secret").st_mode & 0o777) == "0o600"
     again = run_cli("keys", "generate", "--key-dir", key_dir)
     assert again.returncode == 1 and "--force" in again.stderr
