@@ -63,10 +63,7 @@ class Engine:
         row = self.catalog.find_volume(name)
         if row is None:
             raise NotFound(f"unknown export {name!r}: no such volume")
-        if (row["role"] == "replica") != replica:
-            if replica:
-                raise Refused(f"volume {name} is a primary on this node, not a replica")
-            raise NotFound(f"unknown export {name!r}: this node holds a replica of it (promote it to serve it)")
+        self._check_role(row, replica)
         with self._lock:
             # The last connection may still be closing it (flushing): wait,
             # or we would race its volume lock and see "held by another process".
@@ -81,6 +78,14 @@ class Engine:
             entry.refs += 1
             return entry.volume
 
+    @staticmethod
+    def _check_role(row, replica):
+        if (row["role"] == "replica") != replica:
+            if replica:
+                raise Refused(f"volume {row['name']} is a primary on this node, not a replica")
+            raise NotFound(f"unknown export {row['name']!r}: this node holds a replica of it "
+                           "(promote it to serve it)")
+
     def _open_volume(self, row):
         lock_fd = self.datadir.volume_lock(row["id"])
         if lock_fd is None:
@@ -90,6 +95,9 @@ class Engine:
             again = self.catalog.volume_by_id(row["id"])
             if again is None:
                 raise NotFound(f"unknown export {row['name']!r}: volume was deleted")
+            # Fenced (or promoted) since the check in open(): a superseded primary must never be opened
+            # writable (the fence found nothing open to retire), nor a new primary as a replica.
+            self._check_role(again, row["role"] == "replica")
             store = ChunkStore(self.files, self.datadir.volume_path(row["id"]), row["chunk_size"])
             try:
                 store.open()

@@ -38,6 +38,7 @@ _engine = None
 _control = None
 _metrics = None
 _sink = None
+_stopping = threading.Event()  # set at cleanup: background checks end before the catalog closes
 
 
 def config(key, value):
@@ -141,7 +142,8 @@ def after_fork():
         _engine.sink = _sink
     if _engine.replication is not None:
         # A replica promoted while this node was down: this primary learns it now, not at its next open.
-        threading.Thread(target=_engine.replication.check_epochs, name="blockd-epoch-check", daemon=True).start()
+        threading.Thread(target=_engine.replication.check_epochs, args=(_stopping,), name="blockd-epoch-check",
+                         daemon=True).start()
     _control = ControlServer(_engine.datadir.path, _engine, metrics=_config.get("metrics"), sink=_sink).start()
     threading.Thread(target=_persist_qos_loop, name="blockd-qos-persist", daemon=True).start()
     quit_fd = find_quit_pipe()
@@ -220,6 +222,7 @@ def _watch_quit(fd):
 
 
 def cleanup():
+    _stopping.set()
     with _shutdown_lock:
         if _control is not None:
             _control.close()

@@ -132,6 +132,7 @@ class PeerLink:
         self.bytes_sent = 0
         self._last_io = 0.0
         self._probe = None
+        self.instance = None  # what the peer's sink last said it is (new at each start): a change is a restart
         self._stop = False
         self._stats_lock = threading.Lock()  # the link thread and request threads both count
         self._local = threading.local()  # .sock: this request thread's own DEALER (thread states are kept)
@@ -373,6 +374,18 @@ class PeerLink:
 
     def _probe_done(self, ok, reply):
         self._probe = None
+        instance = bytes(reply.data) if ok and reply.data else None
+        if instance is not None:
+            restarted = self.instance is not None and instance != self.instance
+            self.instance = instance
+            if restarted and self.up:
+                # The sink restarted faster than any deadline here ran out (zmq reconnected and delivered
+                # the heartbeat to the new one): it may have lost what it had not flushed, and it waits for
+                # a primary to say it is in sync.  Failed as if it had missed a deadline: its volumes
+                # record the misses, and reconnect with a CREATE (not from inside _drain: the loop does it).
+                with self._queue_lock:
+                    self._reset = "peer restarted (a new sink answers)"
+                return
         if ok and not self.up:
             self.up = True
             log(f"peer {self.name} ({self.address}) answers")
@@ -1451,8 +1464,9 @@ class Manager:
                 v.fenced = True
                 v._wake_all()
             v.close(wait=False)  # maybe on the link thread, which a resync may be waiting on
-        if self.confirmed_epochs.get(volume_id, epoch) < epoch:
-            del self.confirmed_epochs[volume_id]  # not a newer confirmation (an open promoted since)
+        with self._lock:
+            if self.confirmed_epochs.get(volume_id, epoch) < epoch:
+                del self.confirmed_epochs[volume_id]  # not a newer confirmation (an open promoted since)
         log(f"{vr.volume.name}: peer {by} holds epoch {epoch} > {vr.epoch}: fenced, now a replica")
         try:
             self.engine.fence(volume_id, epoch)
@@ -1462,40 +1476,60 @@ class Manager:
     def check_epochs(self, stopping=None, give_up_after=300.0):
         """At start: ask the copies of every replicated volume this node is primary for which epoch they
         hold.  A newer one means a copy was promoted while this node was down: this copy is fenced now
-        (`volume show` says replica at once and its new primary resyncs it), not only when a client opens
-        it here.  Copies that do not answer are asked again, backing off, for ``give_up_after`` seconds;
-        nothing is confirmed this way (an open's CREATE does that).  Runs on its own thread."""
+        (`volume show` says replica and its new primary resyncs it), not only when a client opens it
+        here (an open racing this finds the row a replica and is refused, or is retired by the fence).
+        Copies that do not answer are asked again, backing off, for ``give_up_after`` seconds; within a
+        pass a copy that did not answer is not asked again.  Nothing is confirmed this way (an open's
+        CREATE does that).  Runs on its own thread until ``stopping`` is set."""
         stopping = stopping or threading.Event()
         deadline = time.monotonic() + give_up_after
         pause = 0.5
-        asked = set()  # (volume id, address) that answered
+        asked = set()  # (volume id, address) that answered (or refused)
         while not stopping.is_set():
-            unanswered = 0
-            for row in self.catalog.volumes():
-                if row["role"] != "primary" or row["repl_id"] is None:
-                    continue
-                # Only copies that exist (seeded: a CREATE was answered); a refusal is an answer too.
-                copies = [{"address": p["address"], "key": p["public_key"]}
-                          for p in self.catalog.volume_replicas(row["id"])
-                          if p["seeded"] and (row["id"], p["address"]) not in asked]
-                if not copies:
-                    continue
-                answers = self.query_copies(copies, row["repl_id"], refusals=True)
-                newer = [(a["epoch"], address) for address, a in answers.items()
-                         if a is not None and isinstance(a.get("epoch"), int) and a["epoch"] > row["epoch"]]
-                asked.update((row["id"], address) for address, a in answers.items() if a is not None)
-                unanswered += sum(1 for a in answers.values() if a is None)
-                if newer:
-                    epoch, by = max(newer)
-                    vr = self.volume(row["id"])
-                    if vr is not None and vr.epoch < epoch:
-                        self.fence(vr, epoch, by)  # opened meanwhile: fenced as at its first answer
-                    elif vr is None and self.engine.fence(row["id"], epoch):
-                        log(f"{row['name']}: peer {by} holds epoch {epoch} > {row['epoch']}: fenced, now a replica")
-            if not unanswered or time.monotonic() > deadline:
+            silent = set()  # addresses that did not answer in this pass
+            try:
+                rows = [r for r in self.catalog.volumes() if r["role"] == "primary" and r["repl_id"] is not None]
+            except Exception as exc:
+                log(f"checking epochs: {exc}")
+                rows = []
+                silent.add(None)  # try again later
+            for row in rows:
+                if stopping.is_set() or time.monotonic() > deadline:
+                    return
+                try:
+                    self._check_epoch(row, asked, silent)
+                except Exception as exc:  # one volume's failure must not end the others' check
+                    log(f"{row['name']}: checking its copies' epochs: {type(exc).__name__}: {exc}")
+                    silent.add(None)
+            if not silent or time.monotonic() > deadline:
                 return
             stopping.wait(pause)
             pause = min(pause * 2, 10.0)
+
+    def _check_epoch(self, row, asked, silent):
+        # Only copies that exist (seeded: a CREATE was answered); a refusal is an answer too.
+        copies = [{"address": p["address"], "key": p["public_key"]} for p in self.catalog.volume_replicas(row["id"])
+                  if p["seeded"] and (row["id"], p["address"]) not in asked]
+        pending = [c for c in copies if c["address"] not in silent]
+        if not pending:
+            return
+        answers = self.query_copies(pending, row["repl_id"], refusals=True)
+        for address, a in answers.items():
+            if a is None:
+                silent.add(address)
+            else:
+                asked.add((row["id"], address))
+        newer = [(a["epoch"], address) for address, a in answers.items()
+                 if a is not None and isinstance(a.get("epoch"), int) and a["epoch"] > row["epoch"]]
+        if not newer:
+            return
+        epoch, by = max(newer)
+        vr = self.volume(row["id"])
+        if vr is None and self.engine.fence(row["id"], epoch):
+            log(f"{row['name']}: peer {by} holds epoch {epoch} > {row['epoch']}: fenced, now a replica")
+        vr = self.volume(row["id"])  # (again: an open may have attached one meanwhile)
+        if vr is not None and vr.epoch < epoch:
+            self.fence(vr, epoch, by)
 
     def volume(self, volume_id):
         with self._lock:
@@ -1538,6 +1572,7 @@ class Sink:
         self.allowed = set(allowed_keys)
         self.ctx = None  # created in start(), after nbdkit forks
         self.refused = collections.Counter()  # reason -> count
+        self.instance = os.urandom(16)  # this start of the sink (heartbeat answers carry it)
         self.applied = collections.Counter()  # type name -> count
         self.applied_seq = {}  # repl_id -> (epoch, seq) of the last client write (WRITE, TRIM, ZERO) applied here
         self._persisted_seq = {}  # repl_id -> the applied seq last made durable in the catalog (at a FLUSH)
@@ -1741,7 +1776,7 @@ class Sink:
     def _handle(self, msg):
         t = msg.type
         if t == rp.HEARTBEAT:
-            return self._ack(msg)
+            return self._ack(msg, data=self.instance)  # a primary that sees another one knows we restarted
         if t == rp.CREATE:
             return self._create(msg)
         if t == rp.STATE:

@@ -859,6 +859,27 @@ def test_a_restarted_replica_is_in_sync_again_once_its_primary_says_so(cluster):
     h.shutdown()
 
 
+def test_a_replica_restarted_faster_than_its_primary_noticed_is_confirmed_by_the_next_heartbeat(cluster):
+    """b is killed and back before a's ack deadline (10 s here), with nothing in flight: a's queued
+    heartbeat reaches the new sink and is answered, so a never missed b.  Before, b stayed `unconfirmed`
+    (its promotion refused without --force) until a's next open; now the heartbeat's answer names the
+    sink's instance, a sees a new one, takes b for missed and reconnects: its CREATE confirms b."""
+    a, b = cluster(2)
+    a.server.extra += ["--ack-timeout", "10"]  # later flags win: longer than b's restart
+    a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", check=True)
+    h = start_in_sync(a, [b], "v", 1, 4096)
+    wait_for(lambda: replication(b, "v")["sync_state"] == "in_sync", 30, interval=0.1, what="b in sync")
+    b.server.kill9()
+    b.start()
+    wait_for(lambda: replication(b, "v")["sync_state"] == "in_sync", 30, interval=0.1, what="b confirmed")
+    assert "peer restarted (a new sink answers)" in a.server.log()
+    wait_in_sync(a, "v")
+    h.pwrite(b"after" * 819 + b"!", 0)  # both copies again: 2 of 2
+    h.flush()
+    assert verify(a, "v")["identical"]
+    h.shutdown()
+
+
 def test_a_replica_whose_data_is_wiped_while_its_node_is_down_is_empty_and_resynced_fully(cluster):
     """b's volume directory is wiped while b is down and a has the volume closed: a still takes b for in
     sync.  b says `empty` (also with no server), refuses promotion, and answers a's next open `created`,

@@ -128,3 +128,38 @@ def test_a_copy_that_answers_empty_vouches_for_nothing(replica):
     with pytest.raises(Refused, match=r"did not answer \(or are empty\)"):
         rig.engine.promote("v", own_key="KB", survivors=survivors)
     assert rig.engine.catalog.volume("v")["role"] == "replica"
+
+
+def test_the_start_up_epoch_check_fences_superseded_primaries_and_survives_failures(tmp_path):
+    """`Manager.check_epochs` (run as serve starts): asking about one volume failing (a bug, a refusal)
+    does not end the check of the others; a copy at a newer epoch fences this primary (a replica now);
+    an unseeded copy is never asked (it has no copy to answer about); a silent copy is asked again, each
+    pass, until the deadline."""
+    from blockd.replication import Manager, Settings
+
+    rig = Rig(tmp_path / "a")
+    cat = rig.engine.catalog
+    cat.add_peer("b", "tcp://127.0.0.1:1", "KB")
+    cat.add_peer("c", "tcp://127.0.0.1:2", "KC")
+    rows = {n: cat.create_volume(n, 1 << 20, replicas=["b"] if n != "lonely" else ["c"])
+            for n in ("broken", "superseded", "current", "lonely")}
+    for n in ("broken", "superseded", "current"):
+        cat.set_seeded(rows[n]["id"], cat.volume_replicas(rows[n]["id"])[0]["peer_id"])
+    manager = Manager(rig.engine, None, Settings(ack_timeout=0.1))
+    asked = []
+
+    def query(copies, repl_id, epoch=0, refusals=False):
+        name = cat.volume_by_repl_id(repl_id)["name"]
+        asked.append(name)
+        assert epoch == 0 and refusals  # a question, never an announcement
+        if name == "broken":
+            raise RuntimeError("boom")
+        return {copies[0]["address"]: {"epoch": 7 if name == "superseded" else 1, "role": "primary"}}
+
+    manager.query_copies = query
+    manager.check_epochs(give_up_after=1.5)
+    assert cat.volume("superseded")["role"] == "replica" and cat.volume("superseded")["epoch"] == 7
+    assert cat.volume("current")["role"] == "primary" and cat.volume("broken")["role"] == "primary"
+    assert "lonely" not in asked
+    assert asked.count("superseded") == 1 and asked.count("current") == 1  # answered: not asked again
+    assert asked.count("broken") >= 2  # failed: asked again on the next pass

@@ -119,3 +119,24 @@ def test_failed_punch_leaves_checksums_matching_the_data(tmp_path):
     assert read(vol, 0, CHUNK) == b"\x03" * CHUNK  # no false alarm: the data is still there
     assert vol.scrub() == []
     rig.close()
+
+
+def test_a_primary_fenced_between_opens_role_check_and_its_lock_is_not_opened(tmp_path):
+    """Review finding: serve's start-up epoch check fences the copy (the row becomes a replica) after
+    open() read the row as a primary but before it took the volume lock; the fence found nothing open
+    to retire.  Before, the open went on and served the superseded copy writable."""
+    rig = Rig(tmp_path / "data", chunk_size=CHUNK)
+    rig.create("v", 1 << 20)
+    catalog = rig.engine.catalog
+    original = catalog.find_volume
+
+    def read_then_fenced(name):
+        row = original(name)
+        assert catalog.adopt_epoch(row["id"], row["epoch"] + 1)  # what engine.fence does first
+        return row
+
+    catalog.find_volume = read_then_fenced
+    with pytest.raises(BlockdError, match=r"holds a replica of it"):
+        rig.engine.open("v")
+    catalog.find_volume = original
+    assert rig.engine.export_names() == []  # nothing left open or exported
