@@ -590,7 +590,7 @@ class VolumeReplication:
             if not ok:
                 body = _nack_body(reply)
                 if body.get("code") == "stale_epoch":
-                    self.manager.fence(self, body.get("epoch"), name)
+                    self.manager.fence(self, body.get("epoch"), f"peer {name}")
                     return
                 reason = _reason(reply) if reply is not None else None
                 ps.session_created = False
@@ -892,7 +892,7 @@ class VolumeReplication:
             body = _nack_body(reply)
             code = body.get("code")
             if code == "stale_epoch":
-                self.manager.fence(self, body.get("epoch"), name)
+                self.manager.fence(self, body.get("epoch"), f"peer {name}")
                 with self._cond:
                     ticket.failed[name] = ps.generation
                     self._wake_all()
@@ -1467,7 +1467,7 @@ class Manager:
         with self._lock:
             if self.confirmed_epochs.get(volume_id, epoch) < epoch:
                 del self.confirmed_epochs[volume_id]  # not a newer confirmation (an open promoted since)
-        log(f"{vr.volume.name}: peer {by} holds epoch {epoch} > {vr.epoch}: fenced, now a replica")
+        log(f"{vr.volume.name}: {by} holds epoch {epoch} > {vr.epoch}: fenced, now a replica")
         try:
             self.engine.fence(volume_id, epoch)
         except Exception as exc:
@@ -1508,7 +1508,8 @@ class Manager:
 
     def _check_epoch(self, row, asked, silent):
         # Only copies that exist (seeded: a CREATE was answered); a refusal is an answer too.
-        copies = [{"address": p["address"], "key": p["public_key"]} for p in self.catalog.volume_replicas(row["id"])
+        copies = [{"address": p["address"], "key": p["public_key"], "name": p["name"]}
+                  for p in self.catalog.volume_replicas(row["id"])
                   if p["seeded"] and (row["id"], p["address"]) not in asked]
         pending = [c for c in copies if c["address"] not in silent]
         if not pending:
@@ -1524,9 +1525,13 @@ class Manager:
         if not newer:
             return
         epoch, by = max(newer)
+        self.supersede(row, epoch, "peer " + next(c["name"] for c in pending if c["address"] == by))
+
+    def supersede(self, row, epoch, by):
+        """A copy holds ``epoch``, newer than this primary's ``row``: fence it here, open or not."""
         vr = self.volume(row["id"])
         if vr is None and self.engine.fence(row["id"], epoch):
-            log(f"{row['name']}: peer {by} holds epoch {epoch} > {row['epoch']}: fenced, now a replica")
+            log(f"{row['name']}: {by} holds epoch {epoch} > {row['epoch']}: fenced, now a replica")
         vr = self.volume(row["id"])  # (again: an open may have attached one meanwhile)
         if vr is not None and vr.epoch < epoch:
             self.fence(vr, epoch, by)
@@ -1906,12 +1911,10 @@ class Sink:
         """A message at a newer epoch for a volume that is the primary here: a copy was promoted elsewhere.
         This one is fenced (never writable again here) and becomes a replica the new primary resyncs."""
         manager = self.engine.replication
-        vr = manager.volume(row["id"]) if manager is not None else None
-        if vr is not None:
-            manager.fence(vr, epoch, "a copy promoted elsewhere")
-        else:
+        if manager is not None:
+            manager.supersede(row, epoch, "a copy promoted elsewhere")
+        elif self.engine.fence(row["id"], epoch):
             log(f"{row['name']}: a copy promoted elsewhere holds epoch {epoch} > {row['epoch']}: fenced, now a replica")
-            self.engine.fence(row["id"], epoch)
 
     def _create(self, msg):
         info = msg.json()
