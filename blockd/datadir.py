@@ -16,6 +16,7 @@ import fcntl
 import os
 import shutil
 
+from . import replproto as rp
 from .catalog import Catalog
 from .errors import BadInput, BlockdError, Busy, ReadOnly
 from .fileio import fsync_dir
@@ -140,7 +141,7 @@ class DataDir:
 
     def replica_sync_state(self, row):
         """The sync state to show and decide on: ``empty`` for a lost copy, else what its primary last said."""
-        return "empty" if self.replica_copy_lost(row) else row["sync_state"]
+        return rp.EMPTY if self.replica_copy_lost(row) else row["sync_state"]
 
     def chunk_list_path(self, volume_id, peer):
         """Present while ``peer``'s list of chunks is still to be merged into its resync bitmap (after a

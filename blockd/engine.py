@@ -12,6 +12,7 @@ import os
 import threading
 import time
 
+from . import replproto as rp
 from . import voltypes
 from .errors import BadInput, Busy, NotFound, Refused
 from .qos import Admission
@@ -328,9 +329,9 @@ class Engine:
         if self.datadir.replica_copy_lost(row):
             reasons.append("its data is gone here (its volume directory is missing though it had applied "
                            "writes): only a full resync from its primary makes it a copy again")
-        elif row["sync_state"] == "empty":
+        elif row["sync_state"] == rp.EMPTY:
             reasons.append("it is empty here (recreated, or its data was lost) until its primary's full resync ends")
-        elif row["sync_state"] == "unconfirmed" and not partial:
+        elif row["sync_state"] == rp.UNCONFIRMED and not partial:
             # Every copy had to have each write (min_copies = copies): only a lowered quorum could have
             # left this one behind, and nothing else here can tell.  (With fewer, the other copies'
             # answers decide, below.)
@@ -338,7 +339,7 @@ class Engine:
             reasons.append("this node restarted since its primary last said this copy was in sync, and no primary "
                            "has said so since: writes acknowledged meanwhile (after `volume set --min-copies 1`) "
                            f"may be missing here; the last write it applied: epoch {last[0]} seq {last[1]}")
-        elif row["sync_state"] not in ("in_sync", "unconfirmed"):
+        elif row["sync_state"] not in (rp.IN_SYNC, rp.UNCONFIRMED):
             reasons.append(f"its primary last reported it {row['sync_state'] or 'not yet in sync'}")
         others = [c for c in copies if c.get("key") != own]
         known = {p["address"]: p["name"] for p in self.catalog.peers()}
@@ -358,8 +359,8 @@ class Engine:
             # promote only the most up-to-date one.
             reasons += self._ahead(answers, mine, named)
             # A copy that answered `empty` (recreated, or its data lost) says nothing of what it held.
-            unknown = [c["address"] for c in others
-                       if answers.get(c.get("address")) is None or answers[c["address"]].get("sync_state") == "empty"]
+            unknown = [c["address"] for c in others if answers.get(c.get("address")) is None
+                       or answers[c["address"]].get("sync_state") == rp.EMPTY]
             # An acknowledged write is on at least min_copies copies; the ones that answered are covered
             # (this copy is in sync and at least as far along), so it can be missing here only if
             # min_copies copies did not answer (the old primary among them).
@@ -450,7 +451,7 @@ class Engine:
         if not ahead:
             return []
         addr, st = max(ahead, key=lambda a: pos(a[1]))
-        which = ("promote that one" if st.get("sync_state") in ("in_sync", "unconfirmed")
+        which = ("promote that one" if st.get("sync_state") in (rp.IN_SYNC, rp.UNCONFIRMED)
                  else f"though {st.get('sync_state') or 'not known to be in sync'} there: no copy is known "
                       "to hold every acknowledged write")
         return [f"the copy at {named(addr)} applied later writes (epoch {pos(st)[0]} seq {pos(st)[1]} > epoch {mine[0]} "

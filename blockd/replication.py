@@ -43,7 +43,6 @@ DEFAULT_ACK_TIMEOUT = 2.0
 DEFAULT_WRITE_TIMEOUT = 30.0
 DEFAULT_HEARTBEAT = 0.5
 DEFAULT_RESYNC_MIBPS = 256.0
-EMPTY = "empty"  # a replica's sync state: a copy recreated empty where its primary had one (full resync due)
 CHUNKS_PAGE = 1 << 20  # chunk indexes per CHUNKS answer (8 MiB): a page is quick once the peer listed them
 RECONNECT_DELAY = 0.2
 
@@ -1961,12 +1960,12 @@ class Sink:
                          self._empty_since):
                 kept.pop(msg.volume, None)
             if info.get("seeded"):
-                state = EMPTY  # the primary had a copy here: this one is empty until fully resynced
-        elif row["sync_state"] == EMPTY and not self._filled(msg, info, state):
+                state = rp.EMPTY  # the primary had a copy here: this one is empty until fully resynced
+        elif row["sync_state"] == rp.EMPTY and not self._filled(msg, info, state):
             # Still empty: said again (the answer that said so may have been lost) until the primary's
             # full resync ends and it says in sync.
-            state, created = EMPTY, True
-        if created and state == EMPTY:
+            state, created = rp.EMPTY, True
+        if created and state == rp.EMPTY:
             self._empty_since[msg.volume] = (msg.epoch, msg.seq)
         elif (msg.epoch, msg.seq) < self._state_seq.get(msg.volume, (0, 0)):
             state = row["sync_state"]  # an older CREATE than what last set it (a write refused here since)

@@ -159,6 +159,9 @@ OUT_OF_SYNC = "out_of_sync"
 RESYNCING = "resyncing"
 FENCED = "fenced"
 STATES = (IN_SYNC, OUT_OF_SYNC, RESYNCING, FENCED)
+# What a replica copy's own record can say besides its primary's word (DataDir.replica_sync_state):
+EMPTY = "empty"  # its data is gone (wiped), or it was recreated where its primary had one: full resync due
+UNCONFIRMED = "unconfirmed"  # in sync when its node (re)started; no primary has said so since
 
 # event -> {from state: to state}
 _TRANSITIONS = {
