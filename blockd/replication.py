@@ -45,6 +45,15 @@ DEFAULT_HEARTBEAT = 0.5
 DEFAULT_RESYNC_MIBPS = 256.0
 CHUNKS_PAGE = 1 << 20  # chunk indexes per CHUNKS answer (8 MiB): a page is quick once the peer listed them
 RECONNECT_DELAY = 0.2
+# ZMQ I/O threads per context: CurveZMQ encrypts and decrypts on them, one connection each (every request
+# thread has its own DEALER, so connections spread).  One per two CPUs, up to 4: on 2 CPUs one, as before
+# (a second only competed with the request threads for the same two cores).
+IO_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def _context():
+    """The process's zmq context for links and questions to sinks (made with IO_THREADS on first use)."""
+    return zmq.Context.instance(io_threads=IO_THREADS)
 
 
 def log(line):
@@ -1388,7 +1397,7 @@ class Manager:
             if link is None:
                 if not self.settings.insecure and not peer["public_key"]:
                     raise Refused(f"peer {peer['name']} has no public key (add one, or serve with --insecure-replication)")
-                link = PeerLink(zmq.Context.instance(), peer["name"], peer["address"], peer["public_key"], self.keys,
+                link = PeerLink(_context(), peer["name"], peer["address"], peer["public_key"], self.keys,
                                 self.settings, on_up=self._peer_up, on_down=self._peer_down).start()
                 self._links[peer["name"]] = link
             return link
@@ -1614,7 +1623,7 @@ class Sink:
         # (volume set --min-copies 1) may have acknowledged writes it never got.  Until a primary says
         # again that a copy is in sync, promotion refuses it (it cannot be known to hold them).
         self.catalog.mark_replicas_unconfirmed()
-        self.ctx = zmq.Context()  # its own (and its own I/O thread): stop() can end it alone
+        self.ctx = zmq.Context(io_threads=IO_THREADS)  # its own (I/O threads too): stop() can end it alone
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -2015,7 +2024,7 @@ def query_copies(copies, keys, repl_id, insecure=False, timeout=2.0, epoch=0, re
     "applied_seq"} or None if it does not answer (with ``refusals``, a refusal is {"refused": code})}.  Used by promotion to find the most up-to-date survivor,
     and, with ``epoch``, to announce a promotion's new epoch: a copy below it takes it (a primary there is
     fenced), so the old primary's writes are refused there from then on."""
-    ctx = zmq.Context.instance()
+    ctx = _context()
     out = {}
     for copy in copies:
         address = copy.get("address")
