@@ -1507,6 +1507,8 @@ class Manager:
                 try:
                     self._check_epoch(row, asked, silent)
                 except Exception as exc:  # one volume's failure must not end the others' check
+                    if stopping.is_set():
+                        return  # the server is stopping (its catalog closed under a question)
                     log(f"{row['name']}: checking its copies' epochs: {type(exc).__name__}: {exc}")
                     silent.add(None)
             if not silent or time.monotonic() > deadline:
