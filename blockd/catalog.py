@@ -371,10 +371,15 @@ class Catalog:
             if db.execute("SELECT 1 FROM volumes WHERE name=?", (name,)).fetchone():
                 raise Refused(f"volume {name} already exists")
             peer_ids = []
+            nodes = {}  # address or key -> the peer named with it: two names for one node are one copy
             for peer in replicas:
-                row = db.execute("SELECT id FROM peers WHERE name=?", (peer,)).fetchone()
+                row = db.execute("SELECT id, address, public_key FROM peers WHERE name=?", (peer,)).fetchone()
                 if row is None:
                     raise NotFound(f"unknown peer {peer!r}: add it with `blockd peer add {peer} tcp://HOST:PORT --public-key KEY`")
+                for node in (row["address"], row["public_key"]):
+                    if node is not None and nodes.setdefault(node, peer) != peer:
+                        raise BadInput(f"invalid --replica list {replicas}: peers {nodes[node]} and {peer} are "
+                                       "the same node (same address or key): one copy, not two")
                 peer_ids.append(row[0])
             pool = db.execute("SELECT * FROM pools WHERE name=?", (DEFAULT_POOL,)).fetchone()
             self._reserve(db, pool, size, f"creating {name} ({format_size(size)})")
@@ -534,6 +539,13 @@ class Catalog:
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM peers WHERE name=?", (name,)).fetchone():
                 raise Refused(f"peer {name} already exists")
+            # One node, one peer: under two names it would count as two copies of a volume it holds once.
+            same = db.execute("SELECT name, address, public_key FROM peers WHERE address=? OR "
+                              "(public_key IS NOT NULL AND public_key=?)", (address, public_key)).fetchone()
+            if same is not None:
+                what = "address" if same["address"] == address else "public key"
+                raise Refused(f"peer {same['name']} already has {what} "
+                              f"{address if what == 'address' else public_key}: one node is one peer")
             db.execute(
                 "INSERT INTO peers (name, address, public_key, created_at) VALUES (?, ?, ?, ?)",
                 (name, address, public_key, time.time()),

@@ -317,6 +317,7 @@ def cmd_volume_create(args):
                     f"volume {args.name} exists with size {existing['size']} and type {existing['type']}"
                     f"{_qos_text(existing)}"
                 )
+            _same_replication(catalog, existing, args)
             row = existing
         else:
             credits = None
@@ -331,6 +332,19 @@ def cmd_volume_create(args):
         _print(_volume_json(row))
     else:
         print(f"{row['name']} {format_size(row['size'])} {row['type']}{_qos_text(row)}")
+
+
+def _same_replication(catalog, existing, args):
+    """--exist-ok: an existing volume matches only with the copies asked for (a script asking for a
+    replicated volume must not get an unreplicated one, nor a replica copy held here for a peer)."""
+    name = existing["name"]
+    if existing["role"] != "primary":
+        raise Refused(f"volume {name} exists here as a replica copy for a peer (not a volume of this node)")
+    wanted = sorted(args.replica or [])
+    have = sorted(p["name"] for p in catalog.volume_replicas(existing["id"])) if existing["repl_id"] else []
+    if have != wanted or (args.min_copies is not None and existing["min_copies"] != args.min_copies):
+        copies = (f"replicas {', '.join(have)}, min copies {existing['min_copies']}" if have else "no replicas")
+        raise Refused(f"volume {name} exists with {copies}")
 
 
 def _qos_text(row):

@@ -156,6 +156,48 @@ def test_create_records_iops_and_throughput_and_exist_ok_compares_them(tmp_path,
     assert shown["iops"] == 3000 and shown["attached"] is False and shown["server"] is False
 
 
+KEY_B = "b" * 40
+KEY_C = "c" * 40
+
+
+def test_one_node_is_one_peer_and_one_copy(tmp_path, capsys):
+    """From a black-box run: node b added again as `z` (same address and key) let `--replica b --replica z
+    --min-copies 3` acknowledge writes as on three copies while two existed."""
+    d = tmp_path / "data"
+    assert run(capsys, d, "peer", "add", "b", "tcp://127.0.0.1:7001", f"--public-key={KEY_B}")[0] == 0
+    refused(capsys, d, 1, ["peer", "add", "z", "tcp://127.0.0.1:7001", f"--public-key={KEY_C}"],
+            "peer b already has address tcp://127.0.0.1:7001")
+    refused(capsys, d, 1, ["peer", "add", "z", "tcp://127.0.0.1:7002", f"--public-key={KEY_B}"],
+            "peer b already has public key")
+    assert run(capsys, d, "peer", "add", "c", "tcp://127.0.0.1:7003", f"--public-key={KEY_C}")[0] == 0
+    # A catalog that already holds one node under two names (made before this check): create refuses.
+    db = sqlite3.connect(os.path.join(d, "catalog.db"))
+    db.execute("UPDATE peers SET address='tcp://127.0.0.1:7001' WHERE name='c'")
+    db.commit()
+    db.close()
+    refused(capsys, d, 2, ["volume", "create", "v", "--size", "1GiB", "--replica", "b", "--replica", "c",
+                           "--min-copies", "3"], "peers b and c are the same node")
+
+
+def test_exist_ok_compares_the_replicas_too(tmp_path, capsys):
+    """From a black-box run: `create --replica b --exist-ok` on an existing unreplicated volume said ok."""
+    d = tmp_path / "data"
+    assert run(capsys, d, "peer", "add", "b", "tcp://127.0.0.1:7001", f"--public-key={KEY_B}")[0] == 0
+    assert run(capsys, d, "peer", "add", "c", "tcp://127.0.0.1:7002", f"--public-key={KEY_C}")[0] == 0
+    plain = ok_json(capsys, d, "volume", "create", "plain", "--size", "1GiB")
+    refused(capsys, d, 1, ["volume", "create", "plain", "--size", "1GiB", "--replica", "b", "--exist-ok"],
+            "exists with no replicas")
+    repl = ok_json(capsys, d, "volume", "create", "r", "--size", "1GiB", "--replica", "b")
+    refused(capsys, d, 1, ["volume", "create", "r", "--size", "1GiB", "--exist-ok"], "exists with replicas b")
+    refused(capsys, d, 1, ["volume", "create", "r", "--size", "1GiB", "--replica", "c", "--exist-ok"], "replicas b")
+    refused(capsys, d, 1, ["volume", "create", "r", "--size", "1GiB", "--replica", "b", "--min-copies", "1",
+                           "--exist-ok"], "min copies 2")
+    assert ok_json(capsys, d, "volume", "create", "r", "--size", "1GiB", "--replica", "b", "--exist-ok")["id"] == repl["id"]
+    assert ok_json(capsys, d, "volume", "create", "r", "--size", "1GiB", "--replica", "b", "--min-copies", "2",
+                   "--exist-ok")["id"] == repl["id"]
+    assert ok_json(capsys, d, "volume", "create", "plain", "--size", "1GiB", "--exist-ok")["id"] == plain["id"]
+
+
 # ---- the Prime Day plan ----------------------------------------------------------------
 def test_prime_day_plan_dry_run_then_real_then_noop(tmp_path, capsys):
     d = tmp_path / "data"
