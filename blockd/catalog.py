@@ -604,8 +604,9 @@ class Catalog:
             args.append(int(limit))
         return [dict(r) for r in self._query(sql, args)]
 
-    def resize_volume(self, name, size):
-        """Grow only: a block device that shrinks under a filesystem loses data."""
+    def resize_volume(self, name, size, check_only=False):
+        """Grow only: a block device that shrinks under a filesystem loses data.  ``check_only``: refuse
+        what would be refused, change nothing."""
         check_volume_size(size)
         with self.transaction() as db:
             row = db.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
@@ -619,6 +620,8 @@ class Catalog:
                 )
             pool = db.execute("SELECT * FROM pools WHERE id=?", (row["pool_id"],)).fetchone()
             self._reserve(db, pool, size - row["size"], f"growing {name} to {format_size(size)}")
+            if check_only:
+                return row["size"], size
             db.execute("UPDATE volumes SET size=? WHERE id=?", (size, row["id"]))
             db.execute("UPDATE pools SET provisioned = provisioned + ? WHERE id=?", (size - row["size"], pool["id"]))
         return row["size"], size

@@ -529,11 +529,22 @@ def cmd_volume_resize(args):
         result = control.call(handle, "resize", name=args.name, size=size)
         old = result["old_size"]
     else:
-        old, _ = _offline(datadir, lambda catalog: catalog.resize_volume(args.name, size))
+        old, _ = _offline(datadir, lambda catalog: _resize_offline(catalog, args.name, size))
     if args.json:
         _print({"name": args.name, "old_size": old, "size": size, "online": mode == "online"})
     else:
         print(f"{args.name} {format_size(size)}" + (f" (was {format_size(old)})" if old != size else ""))
+
+
+def _resize_offline(catalog, name, size):
+    row = catalog.volume(name)
+    if row["role"] == "replica":
+        raise Refused(f"volume {name} is a replica copy here: resize it on its primary (its copies grow with it)")
+    if row["repl_id"] is not None and size > row["size"]:
+        # Its copies must grow first (a failover must not shrink it): only its running server reaches them.
+        raise Refused(f"volume {name} is replicated: resize it while this node's server runs (blockd serve), "
+                      "so its copies grow with it")
+    return catalog.resize_volume(name, size)
 
 
 def cmd_volume_delete(args):
@@ -832,15 +843,20 @@ def cmd_verify(args):
         raise Refused(f"verify compares live copies: start the server holding {args.name} (blockd serve)") from None
     result = control.call(sock, "verify", timeout=None, name=args.name)
     diffs = result["differences"]
-    total = sum(len(v) for v in diffs.values())
+    size, sizes = result.get("size"), result.get("sizes") or {}
+    resized = {peer: n for peer, n in sizes.items() if n is not None and n != size}
+    total = sum(len(v) for v in diffs.values()) + len(resized)
     if args.json:
-        _print({"name": args.name, "identical": total == 0, "differences": diffs})
+        _print({"name": args.name, "identical": total == 0, "differences": diffs, "size": size, "sizes": sizes})
     else:
         for peer, offsets in diffs.items():
+            if peer in resized:
+                print(f"{peer}: size {format_size(resized[peer])} differs from {format_size(size)} (blocks compared "
+                      f"up to the smaller)")
             if offsets:
                 shown = ", ".join(str(o) for o in offsets[:10]) + (" ..." if len(offsets) > 10 else "")
                 print(f"{peer}: {len(offsets)} block(s) differ at offsets {shown}")
-            else:
+            elif peer not in resized:
                 print(f"{peer}: identical")
     return 1 if total else 0
 

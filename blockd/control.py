@@ -262,7 +262,8 @@ class ControlServer:
 
     def _op_verify(self, request, emit):
         name = _name(request)
-        return {"name": name, "differences": self.engine.verify(name)}
+        diffs, size, sizes = self.engine.verify(name)
+        return {"name": name, "differences": diffs, "size": size, "sizes": sizes}
 
 
 _OPS = {

@@ -494,13 +494,15 @@ class Engine:
         return report
 
     def verify(self, name):
-        """Per-block checksums of this copy against every replica's: {peer: [differing offsets]}."""
+        """Per-block checksums of this copy against every replica's, and the copies' sizes:
+        ({peer: [differing offsets]}, this copy's size, {peer: its size or None})."""
         row = self.catalog.volume(name)
         if row["repl_id"] is None or row["role"] != "primary":
             raise Refused(f"volume {name} is not a replicated primary on this node: nothing to compare")
         volume = self.open(name)
         try:
-            return volume.replication.verify()
+            sizes = volume.replication.peer_sizes()
+            return volume.replication.verify(sizes), volume.size, sizes
         finally:
             self.release(volume)
 
@@ -536,7 +538,28 @@ class Engine:
             return {e.volume.name: e.refs for e in self._open.values() if not e.replica}
 
     def resize(self, name, size):
-        """Grow in the catalog and in memory: new connections see the new size at once."""
+        """Grow in the catalog and in memory: new connections see the new size at once.
+
+        A replicated primary's replicas grow first (enough of them, or it is refused: a failover must
+        not shrink what was grown); a replica copy is grown by its primary, not here.
+        """
+        row = self.catalog.volume(name)
+        if row["role"] == "replica":
+            raise Refused(f"volume {name} is a replica copy here: resize it on its primary "
+                          "(its copies grow with it)")
+        if row["repl_id"] is not None and size > row["size"]:
+            if self.replication is None:
+                raise Refused(f"volume {name} is replicated: this server has no replication configured "
+                              "(a key pair in --key-dir, or --insecure-replication), so its copies cannot grow")
+            self.catalog.resize_volume(name, size, check_only=True)  # bad sizes refused before the copies grow
+            self.replication.resize_copies(row, size)
+        return self._grow(name, size)
+
+    def grow_replica(self, name, size):
+        """The sink: this node's replica copy grows because its primary's does."""
+        return self._grow(name, size)
+
+    def _grow(self, name, size):
         with self._lock:
             old, new = self.catalog.resize_volume(name, size)
             row = self.catalog.volume(name)

@@ -37,6 +37,7 @@ from .errors import BadInput, BlockdError, NotFound, ReadOnly, Refused, VolumeFa
 from .fileio import fsync_dir
 from .geometry import BLOCK_SIZE
 from .intent import IntentLog
+from .sizes import format_size
 from .volume import block_hashes
 
 DEFAULT_ACK_TIMEOUT = 2.0
@@ -1338,8 +1339,21 @@ class VolumeReplication:
                 continue
             return
 
-    def verify(self):
-        """Compare every block's checksum with every peer's; returns {peer: [differing offsets]}."""
+    def peer_sizes(self):
+        """{peer: the size its copy has (None if it does not say)}: what verify compares first."""
+        out = {}
+        for name, ps in self.peers.items():
+            ok, reply = self._request(ps, rp.json_message(rp.STATE, {}, volume=self.repl_id, seq=self._next_seq()))
+            try:
+                size = reply.json().get("size") if ok else None
+            except rp.ProtocolError:
+                size = None
+            out[name] = size if isinstance(size, int) else None
+        return out
+
+    def verify(self, sizes=None):
+        """Compare every block's checksum with every peer's; returns {peer: [differing offsets]}.  With
+        ``sizes`` (peer_sizes()), a smaller copy is compared up to its end (verify reports the sizes)."""
         volume = self.volume
         self._wait_resyncs()
         ticket = self.send_flush()
@@ -1348,8 +1362,9 @@ class VolumeReplication:
         cs = volume.chunk_size
         for name, ps in self.peers.items():
             diffs = []
-            for offset in range(0, volume.size, cs):
-                length = min(cs, volume.size - offset)
+            end = min(volume.size, (sizes or {}).get(name) or volume.size)
+            for offset in range(0, end, cs):
+                length = min(cs, end - offset)
                 held = volume.lock_range(offset, offset + length, exclusive=False)
                 try:
                     local = volume.block_sums(offset, length)
@@ -1545,6 +1560,38 @@ class Manager:
         vr = self.volume(row["id"])  # (again: an open may have attached one meanwhile)
         if vr is not None and vr.epoch < epoch:
             self.fence(vr, epoch, by)
+
+    def resize_copies(self, row, size):
+        """Grow every copy of the primary volume ``row`` to ``size`` before this one grows: enough must
+        take it (min_copies - 1 replicas) or the resize is refused, so a failover never shrinks what was
+        grown (a filesystem grown onto the new end).  Copies that do not answer learn the size from the
+        next CREATE (their reconnect, the next open); one that took it while too few did stays larger,
+        harmlessly, until the next resize.  Returns the names of the copies that took it."""
+        peers = self.catalog.volume_replicas(row["id"])
+        copies = [{"address": p["address"], "key": p["public_key"], "name": p["name"]} for p in peers]
+        msg = rp.Message(rp.RESIZE, volume=row["repl_id"], epoch=row["epoch"], seq=time.time_ns() // 1000,
+                         offset=size)
+        replies = ask_copies(copies, self.keys, msg, self.settings.insecure, self.settings.ack_timeout)
+        took, why = [], []
+        for c in copies:
+            reply = replies.get(c["address"])
+            if reply is None:
+                why.append(f"{c['name']} did not answer")
+            elif reply.type == rp.ACK:
+                took.append(c["name"])
+            else:
+                body = _nack_body(reply)
+                if body.get("code") == "stale_epoch":
+                    epoch = body.get("epoch") if isinstance(body.get("epoch"), int) else row["epoch"] + 1
+                    self.supersede(row, epoch, f"peer {c['name']}")
+                    raise Refused(f"volume {row['name']}: peer {c['name']} holds epoch {epoch}: this copy was "
+                                  "superseded (fenced, now a replica); resize it on its primary")
+                why.append(f"{c['name']} refused: {body.get('error') or body.get('code')}")
+        if len(took) < row["min_copies"] - 1:
+            raise Refused(f"volume {row['name']}: not resized: {len(took)} of {len(copies)} replica(s) took "
+                          f"{format_size(size)} ({'; '.join(why)}) and writes need {row['min_copies']} copies "
+                          "(blockd volume set --min-copies to go on with fewer)")
+        return took
 
     def volume(self, volume_id):
         with self._lock:
@@ -1808,7 +1855,7 @@ class Sink:
                 self._forget(msg.volume)  # the cached entry holds the old epoch
                 row = self.catalog.volume_by_repl_id(msg.volume)
             applied = self.last_applied(msg.volume, row)
-            return rp.json_message(rp.ACK, {"epoch": row["epoch"], "role": row["role"],
+            return rp.json_message(rp.ACK, {"epoch": row["epoch"], "role": row["role"], "size": row["size"],
                                             "sync_state": self.engine.datadir.replica_sync_state(row),
                                             "applied_epoch": applied[0], "applied_seq": applied[1]},
                                    volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
@@ -1822,6 +1869,12 @@ class Sink:
                 raise _Refuse("checksum mismatch on receipt: refused corrupt data", "corrupt")
             self._check_floor(msg)
             volume.write(data, msg.offset, bool(msg.flags & rp.FUA), hashed=hashed)
+        elif t == rp.RESIZE:
+            if msg.offset > volume.size:  # grow only (a smaller size is an old resize arriving late)
+                try:
+                    self.engine.grow_replica(volume.name, msg.offset)
+                except BlockdError as exc:
+                    raise _Refuse(f"resize: {exc}", "resize") from None
         elif t == rp.TRIM:
             self._check_floor(msg)
             volume.trim(msg.offset, msg.length, bool(msg.flags & rp.FUA))
@@ -2023,34 +2076,46 @@ class Sink:
 
 def query_copies(copies, keys, repl_id, insecure=False, timeout=2.0, epoch=0, refusals=False):
     """Ask each copy's sink for its state of a volume: {address: {"epoch", "role", "sync_state",
-    "applied_seq"} or None if it does not answer (with ``refusals``, a refusal is {"refused": code})}.  Used by promotion to find the most up-to-date survivor,
-    and, with ``epoch``, to announce a promotion's new epoch: a copy below it takes it (a primary there is
-    fenced), so the old primary's writes are refused there from then on."""
+    "applied_seq"} or None if it does not answer (with ``refusals``, a refusal is {"refused": code})}.
+    Used by promotion to find the most up-to-date survivor, and, with ``epoch``, to announce a
+    promotion's new epoch: a copy below it takes it (a primary there is fenced), so the old primary's
+    writes are refused there from then on."""
+    msg = rp.json_message(rp.STATE, {}, volume=repl_id, seq=1, epoch=epoch)
+    out = {}
+    for address, reply in ask_copies(copies, keys, msg, insecure, timeout).items():
+        try:
+            if reply is None:
+                out[address] = None
+            elif reply.type == rp.ACK:
+                out[address] = reply.json()
+            else:
+                out[address] = {"refused": _nack_code(reply)} if refusals else None
+        except rp.ProtocolError:
+            out[address] = None
+    return out
+
+
+def ask_copies(copies, keys, msg, insecure=False, timeout=2.0):
+    """Send ``msg`` to each copy's sink on a socket of its own: {address: its reply (a Message) or None
+    if it does not answer within ``timeout``}."""
     ctx = _context()
     out = {}
     for copy in copies:
         address = copy.get("address")
         if not address:
             continue
+        out[address] = None
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             if not insecure:
                 if not copy.get("key") or keys is None:
-                    out[address] = None
                     continue
                 curve_client(sock, keys, copy["key"])
             sock.connect(address)
-            msg = rp.json_message(rp.STATE, {}, volume=repl_id, seq=1, epoch=epoch)
             sock.send_multipart(rp.encode(msg))
             if sock.poll(int(timeout * 1000)):
-                reply = rp.decode(sock.recv_multipart())
-                if reply.type == rp.ACK:
-                    out[address] = reply.json()
-                else:
-                    out[address] = {"refused": _nack_code(reply)} if refusals else None
-            else:
-                out[address] = None
+                out[address] = rp.decode(sock.recv_multipart())
         except (zmq.ZMQError, rp.ProtocolError):
             out[address] = None
         finally:

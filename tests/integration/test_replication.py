@@ -756,6 +756,59 @@ def test_resize_reaches_replicas_and_delete_removes_their_copies(cluster):
              what="the replica deleted on b")
 
 
+def test_a_resize_grows_the_copies_first_even_with_the_volume_closed_and_survives_failover(cluster):
+    """From a black-box run: a resize while the volume was closed on the primary reached no replica, and
+    after a failover the volume had shrunk back (a filesystem grown onto the new end would lose it).
+    Now the replicas grow first (min copies of them, or the resize is refused, changing nothing); a
+    replica copy is not resized where it is held; an offline resize of a replicated volume is refused."""
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", check=True)
+    start_in_sync(a, [b], "v", 1, 4096).shutdown()  # the last connection: closed on a
+    out = js(a.cli("volume", "resize", "v", "--size", "32MiB", "--json", check=True))
+    assert out["online"] and out["size"] == 32 * MiB
+    assert js(b.cli("volume", "show", "v", "--json", check=True))["size"] == 32 * MiB  # at once, not later
+    refused = b.cli("volume", "resize", "v", "--size", "48MiB")  # on the replica's node
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1 and "on its primary" in refused.stderr
+    b.server.kill9()
+    refused = a.cli("volume", "resize", "v", "--size", "64MiB")  # 2 of 2: b cannot grow
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert "not resized: 0 of 1 replica(s) took 64MiB (b did not answer)" in refused.stderr
+    assert js(a.cli("volume", "show", "v", "--json", check=True))["size"] == 32 * MiB  # nothing changed
+    a.server.stop()
+    refused = a.cli("volume", "resize", "v", "--size", "64MiB")  # no server: the copies are out of reach
+    assert refused.returncode == 1 and "while this node's server runs" in refused.stderr
+    b.start()
+    out = js(b.cli("volume", "promote", "v", "--force", "--json", check=True))  # a is down
+    assert out["epoch"] == 2
+    b.cli("volume", "set", "v", "--min-copies", "1", check=True)  # a is down: go on alone
+    hb = b.connect("v")
+    assert hb.get_size() == 32 * MiB  # the grow survived the failover
+    hb.pwrite(b"end" * 1365 + b"!", 32 * MiB - 4096)
+    hb.shutdown()
+
+
+def test_verify_reports_a_copy_whose_size_differs(cluster):
+    """From a black-box run: copies of different sizes were reported identical.  (b's copy is made
+    larger by hand while b is down: what a copy that took a resize the others refused looks like.)"""
+    import sqlite3
+
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", check=True)
+    start_in_sync(a, [b], "v", 1, 4096).shutdown()
+    assert verify(a, "v")["identical"]
+    assert b.server.stop() == 0
+    db = sqlite3.connect(os.path.join(b.data, "catalog.db"))
+    db.execute("UPDATE volumes SET size=? WHERE name='v'", (24 * MiB,))
+    db.commit()
+    db.close()
+    b.start()
+    out = a.cli("verify", "v")
+    assert out.returncode == 1 and "b: size 24MiB differs from 16MiB" in out.stdout, out.stdout
+    result = verify(a, "v")
+    assert not result["identical"] and result["sizes"] == {"b": 24 * MiB} and result["size"] == 16 * MiB
+    assert result["differences"] == {"b": []}  # the blocks both have are the same
+
+
 def test_a_resync_stops_when_its_volume_closes_and_resumes_at_the_next_open(cluster):
     """A resync reads through the Volume object it started with; once the volume closes, another
     open has its own (and its own checksums): the old resync must stop, not race the new one."""
