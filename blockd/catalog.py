@@ -515,6 +515,8 @@ class Catalog:
             if row[2] == "replica":
                 raise Refused(f"volume {name} is a replica here (epoch {row[3]}): --min-copies is set on its primary, "
                               "or after `blockd volume promote`")
+            if row[1] is None:
+                raise Refused(f"volume {name} is not replicated: it has one copy, and every write needs it")
             copies = 1 + db.execute("SELECT COUNT(*) FROM volume_replicas WHERE volume_id=?", (row[0],)).fetchone()[0]
             if isinstance(min_copies, bool) or not isinstance(min_copies, int) or not 1 <= min_copies <= copies:
                 raise BadInput(f"invalid --min-copies {min_copies}: volume {name} has {copies} cop{'y' if copies == 1 else 'ies'}")

@@ -731,9 +731,10 @@ def cmd_volume_promote(args):
                   f"writes need {report['min_copies']} cop{'y' if report['min_copies'] == 1 else 'ies'}"
                   + (" (`blockd volume set --min-copies 1` to continue alone)" if report['min_copies'] > 1 else ""))
             return
+        n = report["min_copies"]
         print(f"{args.name}: primary here at epoch {report['epoch']}; replicas {', '.join(report['replicas']) or 'none'} "
-              f"will be compared and resynced; writes need {report['min_copies']} copies "
-              "(`blockd volume set --min-copies 1` to continue alone)")
+              f"will be compared and resynced; writes need {n} cop{'y' if n == 1 else 'ies'}"
+              + (" (`blockd volume set --min-copies 1` to continue alone)" if n > 1 else ""))
 
 
 def cmd_volume_set(args):

@@ -481,8 +481,9 @@ class Engine:
         peers = [p["name"] for p in self.catalog.volume_replicas(row["id"])]
         report = {"name": row["name"], "epoch": row["epoch"], "replicas": peers, "forced": False,
                   "confirmed_only": True, "min_copies": row["min_copies"], "warnings": []}
-        if vr is not None and vr.confirmed:
-            return report  # a peer confirmed it in this process: nothing to force
+        if (vr is not None and vr.confirmed) or (self.replication is not None and
+                                                 self.replication.confirmed_epochs.get(row["id"]) == row["epoch"]):
+            return report  # a peer confirmed it in this process (open now, or an earlier open): nothing to force
         # Marked before the open copy changes: a restart in between stays writable as promised.
         self.catalog.confirm_primary(row["id"])
         if vr is not None and not vr.force_confirm():
@@ -501,8 +502,8 @@ class Engine:
             raise Refused(f"volume {name} is not a replicated primary on this node: nothing to compare")
         volume = self.open(name)
         try:
-            sizes = volume.replication.peer_sizes()
-            return volume.replication.verify(sizes), volume.size, sizes
+            diffs, sizes = volume.replication.verify(with_sizes=True)
+            return diffs, volume.size, sizes
         finally:
             self.release(volume)
 

@@ -142,6 +142,7 @@ class PeerLink:
         self._last_io = 0.0
         self._probe = None
         self.instance = None  # what the peer's sink last said it is (new at each start): a change is a restart
+        self._said_unreachable = False  # logged once until the peer answers
         self._stop = False
         self._stats_lock = threading.Lock()  # the link thread and request threads both count
         self._local = threading.local()  # .sock: this request thread's own DEALER (thread states are kept)
@@ -335,7 +336,12 @@ class PeerLink:
                     if self.up:
                         self._fail_all(f"no answer within {self.settings.ack_timeout:g} s")
                     else:
-                        # Not up yet: the probe timed out; reconnect quietly and probe again.
+                        # Not up yet: the probe timed out; reconnect quietly and probe again (said once).
+                        if not self._said_unreachable:
+                            self._said_unreachable = True
+                            log(f"peer {self.name} ({self.address}): no answer (is its server running there, with "
+                                "this node's public key among its peers, and both or neither with "
+                                "--insecure-replication?); still trying")
                         self._fail_all("peer unreachable")
                         time.sleep(min(RECONNECT_DELAY, self.settings.ack_timeout))
                     continue
@@ -397,6 +403,7 @@ class PeerLink:
                 return
         if ok and not self.up:
             self.up = True
+            self._said_unreachable = False
             log(f"peer {self.name} ({self.address}) answers")
             if self.on_up:
                 self.on_up(self)
@@ -1351,18 +1358,22 @@ class VolumeReplication:
             out[name] = size if isinstance(size, int) else None
         return out
 
-    def verify(self, sizes=None):
-        """Compare every block's checksum with every peer's; returns {peer: [differing offsets]}.  With
-        ``sizes`` (peer_sizes()), a smaller copy is compared up to its end (verify reports the sizes)."""
+    def verify(self, with_sizes=False):
+        """Compare every block's checksum with every peer's; returns {peer: [differing offsets]}, and
+        with ``with_sizes`` also {peer: its copy's size} (a smaller copy is compared up to its end)."""
         volume = self.volume
         self._wait_resyncs()
         ticket = self.send_flush()
         self.wait(ticket)
+        sizes = self.peer_sizes() if with_sizes else {}
+        for name, size in sizes.items():
+            if size is None:
+                raise Refused(f"{volume.name}: peer {name} did not answer verify (its size)")
         out = {}
         cs = volume.chunk_size
         for name, ps in self.peers.items():
             diffs = []
-            end = min(volume.size, (sizes or {}).get(name) or volume.size)
+            end = min(volume.size, sizes.get(name) or volume.size)
             for offset in range(0, end, cs):
                 length = min(cs, end - offset)
                 held = volume.lock_range(offset, offset + length, exclusive=False)
@@ -1381,7 +1392,7 @@ class VolumeReplication:
                 for i in np.nonzero(remote != local)[0]:
                     diffs.append(offset + int(i) * BLOCK_SIZE)
             out[name] = diffs
-        return out
+        return (out, sizes) if with_sizes else out
 
 
 class _ResyncAborted(Exception):

@@ -787,6 +787,20 @@ def test_a_resize_grows_the_copies_first_even_with_the_volume_closed_and_survive
     hb.shutdown()
 
 
+def test_a_peer_that_never_answers_is_logged_once_with_what_to_check(cluster):
+    """From a black-box run: one side --insecure-replication, the other CurveZMQ: the logs said only
+    "no answer", nothing pointing at the mismatch."""
+    a, b = cluster(2)
+    b.server.extra += ["--insecure-replication"]
+    a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", check=True)
+    b.start()
+    a.start()
+    h = a.connect("v")  # its link to b starts: the probes go unanswered
+    wait_for(lambda: "both or neither with --insecure-replication" in a.server.log(), 30, what="the hint")
+    assert a.server.log().count("both or neither with --insecure-replication") == 1
+    h.shutdown()
+
+
 def test_verify_reports_a_copy_whose_size_differs(cluster):
     """From a black-box run: copies of different sizes were reported identical.  (b's copy is made
     larger by hand while b is down: what a copy that took a resize the others refused looks like.)"""
@@ -966,6 +980,9 @@ def test_a_lost_replica_leaves_its_primary_writable_across_reopens_and_promote_f
     a, b = cluster(2)
     a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", "--min-copies", "1", check=True)
     start_in_sync(a, [b], "v", 1, 4096).shutdown()  # the last connection closes: the volume closes
+    # b confirmed a's epoch in this server's life: nothing to force, though the volume is closed now.
+    report = js(a.cli("volume", "promote", "v", "--force", "--json", check=True))
+    assert report["confirmed_only"] and not report["forced"] and not report["warnings"], report
     shown = js(b.cli("volume", "show", "v", "--json", check=True))  # the sink holds it open: no NBD client
     assert shown["attached"] is False and shown["connections"] == 0
     refused = b.cli("volume", "delete", "v")  # the replica's node: not without --force

@@ -136,6 +136,7 @@ def test_capacity_show_json_fields_and_arithmetic(tmp_path, capsys):
         (["volume", "resize", "a", "--size", "0"], 2),
         (["volume", "resize", "a", "--size", "2G+"], 2),
         (["volume", "delete", "nope"], 1),
+        (["volume", "set", "a", "--min-copies", "1"], 1),  # not replicated: nothing to lower
     ],
 )
 def test_refusals_leave_the_catalog_unchanged(tmp_path, capsys, argv, code):
