@@ -657,7 +657,8 @@ class Catalog:
         with self.transaction() as db:
             db.execute("UPDATE pools SET modify_cooldown=? WHERE name=?", (float(seconds), name))
 
-    def modify_volume(self, name, type_=None, size=None, iops=None, throughput=None, now=None, reset=()):
+    def modify_volume(self, name, type_=None, size=None, iops=None, throughput=None, now=None, reset=(),
+                      check_only=False):
         """Elastic Volumes: change type, size, IOPS or throughput of a volume in place.
 
         Refused while a previous modification is modifying or optimizing, or
@@ -665,7 +666,8 @@ class Catalog:
         names fields ("iops", "throughput") that go back to the type's
         default (a type change to one where they cannot be provisioned).
         Returns the updated row.  The new limits apply from
-        ``mod_optimizing_at``; the burst balance is kept.
+        ``mod_optimizing_at``; the burst balance is kept.  ``check_only``:
+        refuse what would be refused, change nothing (returns the row as is).
         """
         import json
 
@@ -701,6 +703,8 @@ class Catalog:
             if (new_type, new_size, new_iops, new_tput) == (row["type"], row["size"], row["iops"], row["throughput"]):
                 raise BadInput(f"volume {name}: nothing to modify (type, size, iops and throughput are unchanged)")
             self._reserve(db, pool, new_size - row["size"], f"growing {name} to {format_size(new_size)}")
+            if check_only:
+                return dict(row)
             optimizing_at = now + voltypes.MODIFYING_SECONDS
             completed_at = optimizing_at + voltypes.optimizing_seconds(new_size)
             before = json.dumps(

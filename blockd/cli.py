@@ -536,14 +536,19 @@ def cmd_volume_resize(args):
         print(f"{args.name} {format_size(size)}" + (f" (was {format_size(old)})" if old != size else ""))
 
 
-def _resize_offline(catalog, name, size):
+def _check_offline_growth(catalog, name, size):
     row = catalog.volume(name)
     if row["role"] == "replica":
-        raise Refused(f"volume {name} is a replica copy here: resize it on its primary (its copies grow with it)")
-    if row["repl_id"] is not None and size > row["size"]:
+        raise Refused(f"volume {name} is a replica copy here: resize or modify it on its primary "
+                      "(its copies grow with it)")
+    if row["repl_id"] is not None and size is not None and size > row["size"]:
         # Its copies must grow first (a failover must not shrink it): only its running server reaches them.
         raise Refused(f"volume {name} is replicated: resize it while this node's server runs (blockd serve), "
                       "so its copies grow with it")
+
+
+def _resize_offline(catalog, name, size):
+    _check_offline_growth(catalog, name, size)
     return catalog.resize_volume(name, size)
 
 
@@ -604,7 +609,11 @@ def cmd_volume_modify(args):
     if mode == "online":
         control.call(handle, "modify", name=args.name, reset=reset, **changes)
     else:
-        _offline(datadir, lambda catalog: catalog.modify_volume(args.name, reset=tuple(reset), **_kw(changes)))
+        def edit(catalog):
+            _check_offline_growth(catalog, args.name, changes.get("size"))
+            return catalog.modify_volume(args.name, reset=tuple(reset), **_kw(changes))
+
+        _offline(datadir, edit)
     row = _find(datadir, args.name)
     info = _volume_json(row)
     info["modification"] = voltypes.modification(row, time.time())

@@ -219,19 +219,49 @@ class Engine:
             self.catalog.set_credits(name, tokens, time.time())
 
     def modify(self, name, **changes):
-        """Elastic Volumes through the live engine: catalog first, then the open volume's size and limits."""
+        """Elastic Volumes through the live engine: catalog first, then the open volume's size and limits.
+        A replicated primary's replicas grow first, as for resize; a replica copy is modified by its
+        primary, not here."""
+        row = self.catalog.volume(name)
+        size = changes.get("size")
+        self._before_growing(row, size, lambda: self.catalog.modify_volume(name, check_only=True, **changes))
         with self._lock:
             row = self.catalog.modify_volume(name, **changes)
             entry = self._open.get(row["id"])
             if entry is not None:
                 volume = entry.volume
-                if row["size"] > volume.size:
-                    volume.size = row["size"]
                 if volume.qos is None:
                     volume.qos = self._admission(row)
                 else:
                     self._admission(row, current=volume.qos)
+        self._publish_size(entry, row["size"])
         return row
+
+    def _before_growing(self, row, size, check):
+        """Refuse resizing a replica copy here; grow a replicated primary's replicas first (after
+        ``check()`` refused what the catalog would), so a failover never shrinks what grows here."""
+        name = row["name"]
+        if row["role"] == "replica":
+            raise Refused(f"volume {name} is a replica copy here: resize or modify it on its primary "
+                          "(its copies grow with it)")
+        if row["repl_id"] is not None and size is not None and size > row["size"]:
+            if self.replication is None:
+                raise Refused(f"volume {name} is replicated: this server has no replication configured "
+                              "(a key pair in --key-dir, or --insecure-replication), so its copies cannot grow")
+            check()
+            self.replication.resize_copies(row, size)
+
+    def _publish_size(self, entry, size):
+        """An open volume's new size: its replicas are told first (a CREATE queued on each link, which
+        writes to that peer then follow), then new requests may reach past the old end."""
+        if entry is None:
+            return
+        vr = entry.volume.replication
+        if vr is not None and size > entry.volume.size:
+            vr.tell_peers()
+        with self._lock:
+            if size > entry.volume.size:
+                entry.volume.size = size
 
     # ---- replication (reached through the control socket) -------------------------------
     def replication_status(self, name):
@@ -545,15 +575,7 @@ class Engine:
         not shrink what was grown); a replica copy is grown by its primary, not here.
         """
         row = self.catalog.volume(name)
-        if row["role"] == "replica":
-            raise Refused(f"volume {name} is a replica copy here: resize it on its primary "
-                          "(its copies grow with it)")
-        if row["repl_id"] is not None and size > row["size"]:
-            if self.replication is None:
-                raise Refused(f"volume {name} is replicated: this server has no replication configured "
-                              "(a key pair in --key-dir, or --insecure-replication), so its copies cannot grow")
-            self.catalog.resize_volume(name, size, check_only=True)  # bad sizes refused before the copies grow
-            self.replication.resize_copies(row, size)
+        self._before_growing(row, size, lambda: self.catalog.resize_volume(name, size, check_only=True))
         return self._grow(name, size)
 
     def grow_replica(self, name, size):
@@ -565,11 +587,7 @@ class Engine:
             old, new = self.catalog.resize_volume(name, size)
             row = self.catalog.volume(name)
             entry = self._open.get(row["id"])
-            if entry is not None and new > entry.volume.size:
-                entry.volume.size = new
-            vr = entry.volume.replication if entry is not None else None
-        if vr is not None:
-            vr.tell_peers()  # replicas grow before a write beyond the old end reaches them
+        self._publish_size(entry, new)
         return old, new
 
     def delete(self, name, force=False):

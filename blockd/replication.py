@@ -1579,7 +1579,8 @@ class Manager:
         next CREATE (their reconnect, the next open); one that took it while too few did stays larger,
         harmlessly, until the next resize.  Returns the names of the copies that took it."""
         peers = self.catalog.volume_replicas(row["id"])
-        copies = [{"address": p["address"], "key": p["public_key"], "name": p["name"]} for p in peers]
+        copies = [{"address": p["address"], "key": p["public_key"], "name": p["name"], "seeded": p["seeded"]}
+                  for p in peers]
         msg = rp.Message(rp.RESIZE, volume=row["repl_id"], epoch=row["epoch"], seq=time.time_ns() // 1000,
                          offset=size)
         replies = ask_copies(copies, self.keys, msg, self.settings.insecure, self.settings.ack_timeout)
@@ -1597,6 +1598,11 @@ class Manager:
                     self.supersede(row, epoch, f"peer {c['name']}")
                     raise Refused(f"volume {row['name']}: peer {c['name']} holds epoch {epoch}: this copy was "
                                   "superseded (fenced, now a replica); resize it on its primary")
+                if body.get("code") == "unknown_volume" and not c["seeded"]:
+                    # Never created there (the volume was not opened since it was made): the first open's
+                    # CREATE makes it with the size the catalog has then.  (An open now re-sends it.)
+                    took.append(c["name"])
+                    continue
                 why.append(f"{c['name']} refused: {body.get('error') or body.get('code')}")
         if len(took) < row["min_copies"] - 1:
             raise Refused(f"volume {row['name']}: not resized: {len(took)} of {len(copies)} replica(s) took "
