@@ -14,10 +14,10 @@ import time
 
 from . import replproto as rp
 from . import voltypes
-from .errors import BadInput, Busy, NotFound, Refused
+from .errors import BadInput, BlockdError, Busy, NotFound, Refused
 from .qos import Admission
 from .fileio import OsFiles
-from .sizes import check_name
+from .sizes import check_name, format_size
 from .store import ChunkStore
 from .volume import Volume
 
@@ -414,6 +414,7 @@ class Engine:
             volume = self.sink.drop(row["repl_id"], epoch) if self.sink is not None else None
         if volume is not None:
             self.release(volume)
+        taken = {}
         if others and survivors is not None:
             # Announce it before taking it: a copy that holds it refuses the old primary's writes.
             taken = survivors(others, row["repl_id"], epoch=epoch)
@@ -448,6 +449,16 @@ class Engine:
         # catalog makes this copy the primary (a crash in between leaves a replica, never a primary
         # whose peers would open as in sync).
         size, chunk = row["size"], row["chunk_size"]
+        # A copy that missed a resize (down then) must not shrink the volume: take the largest size any
+        # copy says it has (its chunks past our end get compared below like the rest).
+        said = [st.get("size") for st in list(answers.values()) + list(taken.values()) if st]
+        largest = max([size] + [n for n in said if isinstance(n, int) and not isinstance(n, bool)])
+        if largest > size:
+            try:
+                self.catalog.resize_volume(name, largest)
+                size = largest
+            except BlockdError as exc:
+                reasons.append(f"another copy is {format_size(largest)} and this one could not grow to it ({exc})")
         if size <= compare_limit:
             chunks = range(0, (size + chunk - 1) // chunk)
         else:

@@ -163,3 +163,19 @@ def test_the_start_up_epoch_check_fences_superseded_primaries_and_survives_failu
     assert "lonely" not in asked
     assert asked.count("superseded") == 1 and asked.count("current") == 1  # answered: not asked again
     assert asked.count("broken") >= 2  # failed: asked again on the next pass
+
+
+def test_promotion_takes_the_largest_size_a_copy_says_it_has(replica):
+    """Review finding: a copy that missed a resize (down then) promoted would shrink the volume.  c says
+    it is 4 MiB (this copy 1 MiB): the promoted volume is 4 MiB, every chunk of it due for comparison."""
+    rig, row = replica
+
+    def survivors(copies, repl_id, epoch=0):
+        out = answers(100, epoch or 1)
+        out[OTHERS[1]["address"]]["size"] = 4 << 20
+        return out
+
+    report = rig.engine.promote("v", own_key="KB", survivors=survivors)
+    assert report["epoch"] == 2 and not report["forced"]
+    assert rig.engine.catalog.volume("v")["size"] == 4 << 20
+    assert IntentLog(OsFiles(), rig.datadir.resync_path(row["id"], "c")).load() == set(range(64))
