@@ -1178,7 +1178,7 @@ def _scrub_offline(datadir, name):
 
     engine = Engine(datadir)
     try:
-        volume = engine.open(name)
+        volume = engine.open(name, replica=engine.catalog.volume(name)["role"] == "replica")
         bar = _bytes_bar(len(volume.store.chunk_indexes()) * volume.chunk_size, name)
         scanned = [0]
 

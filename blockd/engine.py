@@ -641,7 +641,12 @@ class Engine:
         Returns (corrupt offsets, repaired offsets); ``repair`` rewrites
         corrupt blocks from an in-sync replica.
         """
-        volume = self.open(name)
+        replica = self.catalog.volume(name)["role"] == "replica"
+        if replica and repair:
+            raise Refused(f"volume {name} is a replica copy here: --repair needs a copy to read from, which only "
+                          f"its primary has; to rebuild this copy, `blockd volume delete {name} --force` here and its "
+                          "primary resyncs it whole at its next open")
+        volume = self.open(name, replica=replica)  # a replica copy: checked in place (shared with the sink)
         try:
             volume.flush()
             bad = volume.scrub(progress=progress)

@@ -382,6 +382,35 @@ def _flip(node, volume, offset):
         os.close(fd)
 
 
+def test_a_rotten_block_on_a_replica_is_found_by_scrub_there_and_the_copy_rebuilt(cluster):
+    """From a black-box run: scrub refused a replica copy, and verify (stored checksums) cannot see rot
+    there.  Now scrub checks the copy in place on its node; --repair is refused there (one line, saying
+    how to rebuild); dropping the copy makes its primary resync it whole."""
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", check=True)
+    h = start_in_sync(a, [b], "v", 2, 64 * 1024)
+    _flip(b, "v", CHUNK + 8192 + 5)
+    scrubbed = b.cli("scrub", "v", "--json")
+    out = json.loads(scrubbed.stdout)
+    assert scrubbed.returncode == 1 and out["online"] and not out["clean"], scrubbed
+    assert out["corrupt_offsets"] == [CHUNK + 8192], out
+    refused = b.cli("scrub", "v", "--repair")
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1 and "delete v --force" in refused.stderr
+    assert verify(a, "v")["identical"]  # stored checksums agree: only a read of the data sees the rot
+    b.cli("volume", "delete", "v", "--force", check=True)
+    h.pwrite(b"after" * 819 + b"!", 0)  # refused on b (no copy): a makes it anew and resyncs it whole
+    h.flush()
+    wait_for(lambda: replication(a, "v")["peers"]["b"].get("resynced_bytes", 0) >= 2 * 64 * 1024, 60,
+             interval=0.1, what="a full resync of b")
+    wait_in_sync(a, "v")
+    assert verify(a, "v")["identical"]
+    assert js(b.cli("scrub", "v", "--json"))["clean"]
+    h.shutdown()
+    assert b.server.stop() == 0
+    offline = js(b.cli("scrub", "v", "--json"))  # no server on b: the copy is checked offline too
+    assert offline["clean"] and not offline["online"] and offline["scanned_bytes"] > 0
+
+
 def test_read_repair_and_scrub_repair_from_the_replica(cluster):
     a, b = cluster(2)
     a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
