@@ -95,6 +95,8 @@ def build_parser():
     p.add_argument("name")
     p.add_argument("address", metavar="tcp://HOST:PORT")
     p.add_argument("--public-key", help="the peer's `blockd keys show` (omit only for --insecure-replication)")
+    p.add_argument("--key-dir", help="this node's key dir (default: $BLOCKD_KEY_DIR, else /etc/blockd/keys as root): "
+                                     "a peer with this node's own key is refused")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_peer_add)
     p = psub2.add_parser("list", help="list peers")
@@ -806,6 +808,13 @@ def cmd_peer_add(args):
                        "e.g. tcp://10.0.0.2:10810 (* is for --replication-listen)")
     if args.public_key is not None:
         keys.check_public_key(args.public_key)
+        try:
+            own = keys.load_public(_key_dir(args))
+        except Exception:
+            own = None  # no key pair here yet: nothing to compare with
+        if args.public_key == own:
+            raise Refused(f"public key {args.public_key} is this node's own (key dir {_key_dir(args)}): "
+                          "a node cannot be its own peer")
     catalog = _datadir(args).catalog()
     try:
         peer = catalog.add_peer(args.name, args.address, args.public_key)

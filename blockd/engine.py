@@ -625,7 +625,7 @@ class Engine:
                 entry.volume.retire("volume was deleted")
                 del self._open[row["id"]]
                 self._retired[row["id"]] = entry
-                cut = entry.refs
+                cut = 0 if entry.replica else entry.refs  # a replica copy: the sink's hold, no client
             peers = self.catalog.volume_replicas(row["id"]) if row["repl_id"] is not None else []
             self.catalog.delete_volume(name)
         # Outside the lock (a big volume takes a while): with the row gone, nobody can open it again.

@@ -1771,8 +1771,8 @@ class Sink:
                 self.refused["error"] += 1
                 log(f"sink: {rp.NAMES.get(msg.type)}: {type(exc).__name__}: {exc}")
                 reply = self._nack(msg, f"internal error: {exc}", "error")
-            if reply.type == rp.NACK and msg.type in (rp.WRITE, rp.TRIM, rp.ZERO, rp.RESYNC):
-                self._behind(msg, reply)
+            if reply.type == rp.NACK and msg.type in (rp.WRITE, rp.TRIM, rp.ZERO, rp.RESYNC, rp.RESIZE):
+                self._behind(msg, reply)  # (a refused RESIZE: smaller than its primary, it misses what is past)
             while self._release_after:
                 try:
                     self.engine.release(self._release_after.pop())
@@ -1788,7 +1788,8 @@ class Sink:
             return
         try:
             self.catalog.mark_replica_behind(msg.volume)
-            self._state_seq[msg.volume] = max(self._state_seq.get(msg.volume, (0, 0)), (msg.epoch, msg.seq))
+            if msg.type != rp.RESIZE:  # (sent outside the volume's seqs: only its primary's CREATEs order it)
+                self._state_seq[msg.volume] = max(self._state_seq.get(msg.volume, (0, 0)), (msg.epoch, msg.seq))
         except Exception as exc:
             log(f"sink: recording that volume {msg.volume} lacks a refused write: {exc}")
 
@@ -2030,7 +2031,11 @@ class Sink:
             elif msg.epoch > row["epoch"]:
                 self.catalog.set_epoch_role(row["id"], msg.epoch, "replica")
             if int(info["size"]) > row["size"]:
-                self.catalog.resize_volume(row["name"], int(info["size"]))
+                try:
+                    self.catalog.resize_volume(row["name"], int(info["size"]))
+                except BlockdError as exc:
+                    self.catalog.mark_replica_behind(msg.volume)  # smaller than its primary: not a full copy
+                    raise _Refuse(f"resize: {exc}", "resize") from None
         import json as _json
 
         state = info.get("state")

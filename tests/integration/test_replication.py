@@ -397,7 +397,8 @@ def test_a_rotten_block_on_a_replica_is_found_by_scrub_there_and_the_copy_rebuil
     refused = b.cli("scrub", "v", "--repair")
     assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1 and "delete v --force" in refused.stderr
     assert verify(a, "v")["identical"]  # stored checksums agree: only a read of the data sees the rot
-    b.cli("volume", "delete", "v", "--force", check=True)
+    dropped = js(b.cli("volume", "delete", "v", "--force", "--json", check=True))
+    assert dropped["deleted"] and dropped["connections_cut"] == 0  # the sink's hold is not a client
     h.pwrite(b"after" * 819 + b"!", 0)  # refused on b (no copy): a makes it anew and resyncs it whole
     h.flush()
     wait_for(lambda: replication(a, "v")["peers"]["b"].get("resynced_bytes", 0) >= 2 * 64 * 1024, 60,
@@ -835,6 +836,30 @@ def test_a_volume_never_opened_is_resized_before_its_replica_copy_exists(cluster
     h.flush()
     wait_in_sync(a, "v")
     assert js(b.cli("volume", "show", "v", "--json", check=True))["size"] == 40 * MiB
+    assert verify(a, "v")["identical"]
+    h.shutdown()
+
+
+def test_a_replica_that_cannot_grow_says_it_is_out_of_sync_until_it_has_grown(cluster):
+    """From a black-box run: b's pool was full, so b refused the RESIZE (min copies 1: the resize went
+    on) and then missed writes past its end, yet said in_sync.  Now the refusal marks its copy behind
+    (promotion reads that); once it has room, the primary's next open grows it and it is in sync."""
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", "--min-copies", "1", check=True)
+    start_in_sync(a, [b], "v", 1, 4096).shutdown()
+    wait_for(lambda: replication(b, "v")["sync_state"] == "in_sync", 30, interval=0.1, what="b in sync")
+    full = js(b.cli("capacity", "show", "--json", check=True))["logical_provisioned"]
+    b.cli("capacity", "set", str(full), check=True)  # b's pool is full: it cannot grow
+    a.cli("volume", "resize", "v", "--size", "24MiB", check=True)  # 0 of 1 needed: goes on
+    assert replication(b, "v")["sync_state"] == "out_of_sync"
+    assert js(b.cli("volume", "show", "v", "--json", check=True))["size"] == 16 * MiB
+    b.cli("capacity", "set", "unlimited", check=True)
+    h = a.connect("v")  # its CREATE carries 24 MiB: b grows now
+    wait_for(lambda: replication(b, "v")["sync_state"] == "in_sync", 30, interval=0.1, what="b grown, in sync")
+    assert js(b.cli("volume", "show", "v", "--json", check=True))["size"] == 24 * MiB
+    h.pwrite(b"t" * 4096, 24 * MiB - 4096)
+    h.flush()
+    wait_in_sync(a, "v")
     assert verify(a, "v")["identical"]
     h.shutdown()
 

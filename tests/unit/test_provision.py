@@ -180,6 +180,17 @@ def test_one_node_is_one_peer_and_one_copy(tmp_path, capsys):
                            "--min-copies", "3"], "peers b and c are the same node")
 
 
+def test_a_node_is_not_its_own_peer(tmp_path, capsys):
+    """From a black-box run: `peer add me ... --public-key=$(blockd keys show)` was taken; a volume
+    replicated to it could never be written (its own sink refused the CREATE)."""
+    d, k = tmp_path / "data", tmp_path / "keys"
+    code, own, _ = run(capsys, d, "keys", "generate", "--key-dir", k)
+    assert code == 0
+    refused(capsys, d, 1, ["peer", "add", "me", "tcp://127.0.0.1:7001", f"--public-key={own.strip()}",
+                           "--key-dir", k], "this node's own")
+    assert run(capsys, d, "peer", "add", "b", "tcp://127.0.0.1:7001", f"--public-key={KEY_B}", "--key-dir", k)[0] == 0
+
+
 def test_exist_ok_compares_the_replicas_too(tmp_path, capsys):
     """From a black-box run: `create --replica b --exist-ok` on an existing unreplicated volume said ok."""
     d = tmp_path / "data"
