@@ -1456,58 +1456,6 @@ class Manager:
             volumes = list(self._volumes.values())
         for vr in volumes:
             vr.peer_up(link)
-        threading.Thread(target=self._confirm_closed, args=(link,), name=f"blockd-confirm-{link.name}",
-                         daemon=True).start()
-
-    def _confirm_closed(self, link):
-        """The peer answers again (it restarted, or its link failed): tell it that its copies of the
-        volumes closed here are in sync, so a copy its restart left `unconfirmed` is promotable again
-        without waiting for the next open.  Only volumes a peer confirmed in this process (this node
-        is their current primary and nothing of theirs is in an intent log) whose resync bitmap for
-        that peer is empty (every request it was sent was answered; a miss would be in the bitmap).
-        A session CREATE on the link, seq above every open's; the next open starts above it."""
-        try:
-            with self._lock:
-                confirmed = [(vid, epoch) for vid, epoch in self.confirmed_epochs.items() if vid not in self._volumes]
-            for vid, epoch in confirmed:
-                row = self.catalog.volume_by_id(vid)
-                if row is None or row["role"] != "primary" or row["epoch"] != epoch or row["repl_id"] is None:
-                    continue
-                row = self.catalog.volume_by_repl_id(row["repl_id"])  # (with its pool's chunk size)
-                peers = self.catalog.volume_replicas(vid)
-                if not any(p["name"] == link.name and p["seeded"] for p in peers):
-                    continue
-                bitmap = self.bitmap(vid, link.name)
-                if bitmap.chunks or bitmap.unrecorded or os.path.exists(self.datadir.chunk_list_path(vid, link.name)):
-                    continue  # out of sync: its next open resyncs it
-                with self._lock:
-                    if vid in self._volumes:
-                        continue  # opened meanwhile: its own CREATE says it
-                    seq = self.last_seqs[vid] = max(time.time_ns() // 1000, self.last_seqs.get(vid, 0) + 1)
-                me = self.keys[0].decode() if self.keys else None
-                copies = [{"name": p["name"], "key": p["public_key"], "address": p["address"]} for p in peers]
-                copies.append({"name": None, "key": me, "address": self.settings.listen})
-                info = {"name": row["name"], "size": row["size"], "type": row["type"], "chunk_size": row["chunk_size"],
-                        "min_copies": row["min_copies"], "copies": copies, "state": rp.IN_SYNC, "seeded": True,
-                        "applied_through": seq - 1}
-                # A session CREATE: it can never end an `empty` copy's wait for its full resync (only the
-                # open's resync can), and nothing older than it may be applied there after it.
-                msg = rp.json_message(rp.CREATE, info, volume=row["repl_id"], epoch=epoch, seq=seq, flags=rp.SESSION)
-                link.send(msg, lambda ok, reply, row=row: self._confirmed_closed(row, link, ok, reply))
-        except Exception as exc:  # never the link's problem
-            log(f"peer {link.name}: confirming closed volumes: {type(exc).__name__}: {exc}")
-
-    def _confirmed_closed(self, row, link, ok, reply):
-        if ok:
-            try:
-                if reply.json().get("created"):
-                    log(f"{row['name']}: peer {link.name} lost its copy: resynced whole at the next open here")
-            except rp.ProtocolError:
-                pass
-        else:
-            body = _nack_body(reply)
-            if body.get("code") == "stale_epoch" and isinstance(body.get("epoch"), int):
-                self.supersede(row, body["epoch"], f"peer {link.name}")
 
     def attach(self, volume, row):
         """Called by the engine when it opens a replicated primary volume."""

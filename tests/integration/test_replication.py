@@ -1027,24 +1027,6 @@ def test_a_replica_restarted_faster_than_its_primary_noticed_is_confirmed_by_the
     h.shutdown()
 
 
-def test_a_replica_restarted_while_its_volume_is_closed_on_the_primary_is_confirmed_again(cluster):
-    """From black-box round 2: the volume closed on a (flushed, every request answered), b restarts:
-    b stayed `unconfirmed` until a's next open, so failing over to it needed --force.  Now a's link,
-    when b answers again, tells b its copies of a's closed volumes are in sync (a CREATE on the link)."""
-    a, b = cluster(2)
-    a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", check=True)
-    start_in_sync(a, [b], "v", 2, 4096).shutdown()  # the last connection: closed on a
-    wait_for(lambda: not js(a.cli("volume", "show", "v", "--json"))["attached"], what="closed on a")
-    b.server.kill9()
-    b.start()
-    wait_for(lambda: replication(b, "v")["sync_state"] == "in_sync", 30, interval=0.1, what="b confirmed")
-    assert js(a.cli("volume", "show", "v", "--json"))["attached"] is False  # not by opening it
-    a.server.kill9()
-    out = b.cli("volume", "promote", "v", "--json")  # no --force needed
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["epoch"] == 2
-
-
 def test_a_replica_whose_data_is_wiped_while_its_node_is_down_is_empty_and_resynced_fully(cluster):
     """b's volume directory is wiped while b is down and a has the volume closed: a still takes b for in
     sync.  b says `empty` (also with no server), refuses promotion, and answers a's next open `created`,
