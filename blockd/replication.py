@@ -1251,6 +1251,10 @@ class VolumeReplication:
                 return False
             if bytes(reply.sums) == local_sums.tobytes():
                 ps.skipped_chunks += 1
+                with self._cond:
+                    # Equal, but maybe only in its page cache (its last flush missed): the next flush makes
+                    # it durable there, or, missed, records it again (a RESYNC is sent with FUA instead).
+                    ps.unflushed.add(c)
             else:
                 data = np.empty(length, dtype=np.uint8)
                 volume.read_locked(data, offset)

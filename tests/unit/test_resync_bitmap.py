@@ -474,3 +474,18 @@ def test_a_recreated_empty_copy_says_so_until_its_full_resync_ends(pair):
         assert sink.last_applied(777, sink.engine.catalog.volume_by_repl_id(777)) == (1, 9)
     finally:
         sock.close()
+
+
+def test_a_chunk_a_resync_finds_equal_stays_at_risk_until_the_next_flush(pair):
+    """Review finding: a resync that found a chunk's checksums equal forgot it, though the peer may hold
+    it only in its page cache (the flush that would have made it durable there was missed); a FLUSH
+    missing that peer later then recorded nothing for it.  Now it joins the chunks the next flush must
+    make durable there (a RESYNC is sent with FUA, so a resent chunk is durable already)."""
+    primary, sink, start_primary = pair
+    volume, vr, peer = _written_in_sync(start_primary)
+    peer.record({0})  # chunk 0 due for comparison (what a miss would leave)
+    assert vr._resync_chunk("b", peer, 0)
+    assert peer.skipped_chunks == 1 and 0 not in peer.pending_chunks()
+    assert 0 in peer.unflushed
+    volume.flush()
+    assert not peer.unflushed  # made durable there by the flush
