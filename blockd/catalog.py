@@ -143,6 +143,13 @@ def check_type(type_):
     return type_
 
 
+def check_not_a_replica_copy(row):
+    """Resize and modify act on a volume of this node: a replica copy held here grows with its primary."""
+    if row["role"] == "replica":
+        raise Refused(f"volume {row['name']} is a replica copy here: resize or modify it on its primary "
+                      "(its copies grow with it)")
+
+
 def check_qos(iops, throughput):
     """Provisioned IOPS and throughput (MiB/s): positive integers or None (the type's default)."""
     for label, value, top in (("iops", iops, MAX_IOPS), ("throughput", throughput, MAX_THROUGHPUT)):

@@ -20,7 +20,7 @@ import sys
 import time
 
 from . import control, voltypes
-from .catalog import Catalog, check_type
+from .catalog import Catalog, check_not_a_replica_copy, check_type
 from .datadir import DataDir, default_data_dir
 from .errors import BadInput, BlockdError, NotFound, Refused
 from .sizes import check_name, format_size, parse_size, parse_volume_size
@@ -540,9 +540,7 @@ def cmd_volume_resize(args):
 
 def _check_offline_growth(catalog, name, size):
     row = catalog.volume(name)
-    if row["role"] == "replica":
-        raise Refused(f"volume {name} is a replica copy here: resize or modify it on its primary "
-                      "(its copies grow with it)")
+    check_not_a_replica_copy(row)
     if row["repl_id"] is not None and size is not None and size > row["size"]:
         # Its copies must grow first (a failover must not shrink it): only its running server reaches them.
         raise Refused(f"volume {name} is replicated: resize it while this node's server runs (blockd serve), "

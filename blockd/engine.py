@@ -15,6 +15,7 @@ import time
 from . import replproto as rp
 from . import voltypes
 from .errors import BadInput, BlockdError, Busy, NotFound, Refused
+from .catalog import check_not_a_replica_copy
 from .qos import Admission
 from .fileio import OsFiles
 from .sizes import check_name, format_size
@@ -241,9 +242,7 @@ class Engine:
         """Refuse resizing a replica copy here; grow a replicated primary's replicas first (after
         ``check()`` refused what the catalog would), so a failover never shrinks what grows here."""
         name = row["name"]
-        if row["role"] == "replica":
-            raise Refused(f"volume {name} is a replica copy here: resize or modify it on its primary "
-                          "(its copies grow with it)")
+        check_not_a_replica_copy(row)
         if row["repl_id"] is not None and size is not None and size > row["size"]:
             if self.replication is None:
                 raise Refused(f"volume {name} is replicated: this server has no replication configured "

@@ -1548,9 +1548,7 @@ class Manager:
 
     def _check_epoch(self, row, asked, silent):
         # Only copies that exist (seeded: a CREATE was answered); a refusal is an answer too.
-        copies = [{"address": p["address"], "key": p["public_key"], "name": p["name"]}
-                  for p in self.catalog.volume_replicas(row["id"])
-                  if p["seeded"] and (row["id"], p["address"]) not in asked]
+        copies = [c for c in self._replica_copies(row["id"]) if c["seeded"] and (row["id"], c["address"]) not in asked]
         pending = [c for c in copies if c["address"] not in silent]
         if not pending:
             return
@@ -1567,6 +1565,11 @@ class Manager:
         epoch, by = max(newer)
         self.supersede(row, epoch, "peer " + next(c["name"] for c in pending if c["address"] == by))
 
+    def _replica_copies(self, volume_id):
+        """The copies a primary's replicas hold, as ask_copies and query_copies take them."""
+        return [{"address": p["address"], "key": p["public_key"], "name": p["name"], "seeded": p["seeded"]}
+                for p in self.catalog.volume_replicas(volume_id)]
+
     def supersede(self, row, epoch, by):
         """A copy holds ``epoch``, newer than this primary's ``row``: fence it here, open or not."""
         vr = self.volume(row["id"])
@@ -1582,9 +1585,7 @@ class Manager:
         grown (a filesystem grown onto the new end).  Copies that do not answer learn the size from the
         next CREATE (their reconnect, the next open); one that took it while too few did stays larger,
         harmlessly, until the next resize.  Returns the names of the copies that took it."""
-        peers = self.catalog.volume_replicas(row["id"])
-        copies = [{"address": p["address"], "key": p["public_key"], "name": p["name"], "seeded": p["seeded"]}
-                  for p in peers]
+        copies = self._replica_copies(row["id"])
         msg = rp.Message(rp.RESIZE, volume=row["repl_id"], epoch=row["epoch"], seq=time.time_ns() // 1000,
                          offset=size)
         replies = ask_copies(copies, self.keys, msg, self.settings.insecure, self.settings.ack_timeout)
@@ -2143,7 +2144,7 @@ def ask_copies(copies, keys, msg, insecure=False, timeout=2.0):
             if sock.poll(int(timeout * 1000)):
                 out[address] = rp.decode(sock.recv_multipart())
         except (zmq.ZMQError, rp.ProtocolError):
-            out[address] = None
+            pass  # no usable answer: None, as set above
         finally:
             sock.close(linger=0)
     return out
