@@ -29,11 +29,12 @@ FULL_COMPARE_LIMIT = 256 << 30
 
 
 class _Open:
-    __slots__ = ("volume", "refs", "lock_fd", "remove_files", "replica")
+    __slots__ = ("volume", "refs", "holds", "lock_fd", "remove_files", "replica")
 
     def __init__(self, volume, lock_fd, replica=False):
         self.volume = volume
-        self.refs = 0
+        self.refs = 0  # every holder: NBD connections and this server's own (``holds``)
+        self.holds = 0  # the server's own opens (a background catch-up): not connections, never block a delete
         self.lock_fd = lock_fd
         self.remove_files = True  # when retired: deleted (files go) or fenced (files stay, now a replica)
         self.replica = replica  # a replica copy, opened by the replication sink: never an NBD connection
@@ -55,7 +56,7 @@ class Engine:
         self._closing = set()  # volume ids whose last connection is closing them
         self._retired = {}  # volume id -> _Open: deleted (--force) while connections still hold it
 
-    def open(self, name, readonly=False, replica=False):
+    def open(self, name, readonly=False, replica=False, internal=False):
         """Attach: the shared Volume for ``name`` (refcounted).
 
         A replica copy is not an export: only the replication sink opens it
@@ -78,6 +79,8 @@ class Engine:
             elif row["size"] > entry.volume.size:
                 entry.volume.size = row["size"]  # grown while attached: new connections see it
             entry.refs += 1
+            if internal:
+                entry.holds += 1
             return entry.volume
 
     @staticmethod
@@ -126,14 +129,17 @@ class Engine:
             os.close(lock_fd)
             raise
 
-    def release(self, volume):
-        """Detach one connection; the last one flushes and closes."""
+    def release(self, volume, internal=False):
+        """Detach one connection (``internal``: one of the server's own opens); the last one flushes
+        and closes."""
         with self._lock:
             entry = self._open.get(volume.volume_id)
             if entry is None or entry.volume is not volume:
-                self._release_retired(volume)
+                self._release_retired(volume, internal)
                 return
             entry.refs -= 1
+            if internal:
+                entry.holds -= 1
             if entry.refs > 0:
                 return
             del self._open[volume.volume_id]
@@ -143,9 +149,16 @@ class Engine:
                 self._persist_credits(entry.volume)
             except Exception:
                 pass  # the balance is best effort; the data is not
-            if self.replication is not None and entry.volume.replication is not None:
-                self.replication.detach(entry.volume)
-            entry.volume.close()
+            repl = entry.volume.replication if self.replication is not None else None
+            if repl is not None:
+                repl.close()  # its resyncs stop (they read through this Volume): no more start
+            try:
+                # The final flush goes to the peers too, and settles (their answers in, or their misses on
+                # record) before the volume counts as closed for replication.
+                entry.volume.close()
+            finally:
+                if repl is not None:
+                    self.replication.detach(entry.volume)
         finally:
             os.close(entry.lock_fd)
             with self._lock:
@@ -197,7 +210,7 @@ class Engine:
         out = {
             "limits": voltypes.limits(*voltypes.effective(row, wall)),
             "modification": voltypes.modification(row, wall),
-            "attached": entry is not None and not entry.replica,
+            "attached": entry is not None and not entry.replica and entry.refs > entry.holds,
         }
         adm = entry.volume.qos if entry is not None else None
         if adm is None:
@@ -281,7 +294,8 @@ class Engine:
         else:
             peers = self.catalog.volume_replicas(row["id"]) if row["repl_id"] is not None else []
             out = {"repl_id": row["repl_id"], "epoch": row["epoch"], "min_copies": row["min_copies"], "fenced": False,
-                   "peers": {p["name"]: self.datadir.closed_peer_status(row["id"], p, "volume not open")
+                   "peers": {p["name"]: (self.replication.closed_peer_status(row["id"], p) if self.replication is not None
+                                         else self.datadir.closed_peer_status(row["id"], p, "volume not open"))
                              for p in peers}}
         out["role"] = row["role"]
         return out
@@ -547,16 +561,21 @@ class Engine:
         finally:
             self.release(volume)
 
-    def _release_retired(self, volume):
+    def _release_retired(self, volume, internal=False):
         """Called with the engine lock held: the last connection of a deleted volume cleans up."""
         entry = self._retired.get(volume.volume_id)
-        if entry is None:
+        if entry is None or entry.volume is not volume:
             return
         entry.refs -= 1
+        if internal:
+            entry.holds -= 1
         if entry.refs > 0:
             return
         del self._retired[volume.volume_id]
         try:
+            if self.replication is not None and entry.volume.replication is not None:
+                # Deleted (fenced ones were detached by the fence): its resyncs stop, it leaves the manager.
+                self.replication.detach(entry.volume, wait=False)
             entry.volume.close()  # failed store: closes descriptors, flushes nothing
         finally:
             if entry.lock_fd is not None:
@@ -571,12 +590,13 @@ class Engine:
         row = self.catalog.volume(name)
         with self._lock:
             entry = self._open.get(row["id"])
-            return entry.refs if entry is not None and not entry.replica else 0
+            return entry.refs - entry.holds if entry is not None and not entry.replica else 0
 
     def attached(self):
-        """{name: connections} for every attached volume."""
+        """{name: connections} for every attached volume (the server's own opens are not connections)."""
         with self._lock:
-            return {e.volume.name: e.refs for e in self._open.values() if not e.replica}
+            return {e.volume.name: e.refs - e.holds for e in self._open.values()
+                    if not e.replica and e.refs > e.holds}
 
     def resize(self, name, size):
         """Grow in the catalog and in memory: new connections see the new size at once.
@@ -614,17 +634,20 @@ class Engine:
             while row["id"] in self._closing:  # its last connection is flushing: let it finish
                 self._closed.wait()
             entry = self._open.get(row["id"])
-            if entry is not None and not force:
+            clients = 0 if entry is None or entry.replica else entry.refs - entry.holds
+            if entry is not None and not force and (clients or entry.replica):
+                held = entry.refs if entry.replica else clients
                 raise Busy(
-                    f"volume {name} is attached ({entry.refs} connection{'s' if entry.refs != 1 else ''}); "
+                    f"volume {name} is attached ({held} connection{'s' if held != 1 else ''}); "
                     "detach it first or use --force"
                 )
             cut = 0
             if entry is not None:
+                # Also when only this server holds it (a background catch-up): that hold ends with EIO.
                 entry.volume.retire("volume was deleted")
                 del self._open[row["id"]]
                 self._retired[row["id"]] = entry
-                cut = 0 if entry.replica else entry.refs  # a replica copy: the sink's hold, no client
+                cut = clients  # a replica copy: the sink's hold, no client
             peers = self.catalog.volume_replicas(row["id"]) if row["repl_id"] is not None else []
             self.catalog.delete_volume(name)
         # Outside the lock (a big volume takes a while): with the row gone, nobody can open it again.

@@ -144,6 +144,9 @@ def after_fork():
         # A replica promoted while this node was down: this primary learns it now, not at its next open.
         threading.Thread(target=_engine.replication.check_epochs, args=(_stopping,), name="blockd-epoch-check",
                          daemon=True).start()
+        # Replicas of volumes no client has open here catch up too (a peer that missed writes or restarted).
+        threading.Thread(target=_engine.replication.catch_up, args=(_stopping,), name="blockd-catch-up",
+                         daemon=True).start()
     _control = ControlServer(_engine.datadir.path, _engine, metrics=_config.get("metrics"), sink=_sink).start()
     threading.Thread(target=_persist_qos_loop, name="blockd-qos-persist", daemon=True).start()
     quit_fd = find_quit_pipe()

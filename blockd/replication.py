@@ -38,6 +38,7 @@ from .fileio import fsync_dir
 from .geometry import BLOCK_SIZE
 from .intent import IntentLog
 from .sizes import format_size
+from .store import INTENT_FILE
 from .volume import block_hashes
 
 DEFAULT_ACK_TIMEOUT = 2.0
@@ -1350,6 +1351,29 @@ class VolumeReplication:
                 continue
             return
 
+    def wait_caught_up(self, stopping, patience):
+        """For a catch-up (the volume open with no client): until every peer whose link is up answered
+        this open's CREATE and is in sync with nothing left to resync (True), or nothing moved for
+        ``patience`` seconds, no peer is up, the volume closed or was fenced, or ``stopping`` (False)."""
+        last, since = None, time.monotonic()
+        while not stopping.is_set():
+            with self._cond:
+                if self.fenced or self.closed:
+                    return False
+                up = [ps for ps in self.peers.values() if ps.link.up]
+                if up and all(ps.state.state == rp.IN_SYNC and ps.session_created and not ps.pending_count()
+                              for ps in up):
+                    return True
+                now = time.monotonic()
+                seen = tuple((ps.state.state, ps.session_created, ps.resync_done, ps.resynced_bytes, ps.link.up)
+                             for ps in self.peers.values())
+                if seen != last:
+                    last, since = seen, now
+                elif now - since > patience:
+                    return False
+                self._cond.wait(0.1)
+        return False
+
     def peer_sizes(self):
         """{peer: the size its copy has (None if it does not say)}: what verify compares first."""
         out = {}
@@ -1419,6 +1443,11 @@ class Manager:
         self._bitmaps = {}  # (volume id, peer name) -> PeerBitmap, for the life of this process
         self.confirmed_epochs = {}  # volume id -> the epoch a peer confirmed current in this process
         self.last_seqs = {}  # volume id -> the last seq its closed opens used (the next open starts above)
+        # (volume id, peer) -> (its state, the link's sink instance) when the volume last closed here
+        self._closed_states = {}
+        self._catch_up_queue = set()  # (volume id or None: every volume, peer name or None: every peer)
+        self._catch_up_wake = threading.Event()
+        self._retry_at = {}  # volume id -> (monotonic time of its next catch-up, the pause after that one)
         self._lock = threading.Lock()
 
     def link(self, peer):
@@ -1446,6 +1475,9 @@ class Manager:
         old opens record nothing) and the next open loads the files afresh."""
         with self._lock:
             gone = [self._bitmaps.pop(k) for k in list(self._bitmaps) if k[0] == volume_id]
+            for k in [k for k in self._closed_states if k[0] == volume_id]:
+                del self._closed_states[k]
+            self._retry_at.pop(volume_id, None)
         for b in gone:
             b.close()
 
@@ -1460,6 +1492,7 @@ class Manager:
             volumes = list(self._volumes.values())
         for vr in volumes:
             vr.peer_up(link)
+        self.request_catch_up(peer=link.name)  # the volumes closed here that it may have fallen behind on
 
     def attach(self, volume, row):
         """Called by the engine when it opens a replicated primary volume."""
@@ -1479,10 +1512,171 @@ class Manager:
         return vr
 
     def detach(self, volume, wait=True):
+        """The volume closed (after its final flush settled) or was deleted: it leaves the manager.  A
+        peer left behind with its link up is caught up in the background (see catch_up)."""
+        vr = volume.replication
+        if vr is None or vr.volume is not volume:
+            return
         with self._lock:
-            vr = self._volumes.pop(volume.volume_id, None)
-        if vr is not None:
-            vr.close(wait)
+            mine = self._volumes.get(volume.volume_id) is vr
+            if mine:
+                del self._volumes[volume.volume_id]  # not a newer open's (after a fence and a promotion)
+        vr.close(wait)
+        if not mine or vr.fenced:
+            return
+        behind = False
+        with vr._cond:
+            for name, ps in vr.peers.items():
+                self._closed_states[(volume.volume_id, name)] = (ps.state.state, ps.link.instance)
+                behind = behind or (ps.link.up and (ps.state.state != rp.IN_SYNC or bool(ps.pending_count())))
+        if behind:
+            self.request_catch_up(volume.volume_id)
+
+    def closed_peer_status(self, volume_id, peer):
+        """A peer's status while its volume is not open here: its durable resync bitmap, and in sync if
+        it was when the volume last closed here and the same sink (no restart since) answers now."""
+        out = self.datadir.closed_peer_status(volume_id, peer, "volume not open")
+        with self._lock:
+            seen = self._closed_states.get((volume_id, peer["name"]))
+            link = self._links.get(peer["name"])
+        if (seen is not None and seen[0] == rp.IN_SYNC and not out.get("resync_remaining_chunks")
+                and link is not None and link.up and link.instance is not None and link.instance == seen[1]):
+            out["state"] = rp.IN_SYNC
+        return out
+
+    # -- catching up the replicas of closed volumes -----------------------------------------------
+    def request_catch_up(self, volume_id=None, peer=None):
+        """Ask the catch-up thread to look at a volume (None: every one) for a peer (None: every one)."""
+        with self._lock:
+            self._catch_up_queue.add((volume_id, peer))
+        self._catch_up_wake.set()
+
+    def catch_up(self, stopping, patience=None):
+        """Thread: a replica of a volume that is closed here catches up without waiting for a client.
+
+        A peer that missed writes (its resync bitmap is not empty), restarted (it says ``unconfirmed``
+        until a primary says how in sync it is), lost its copy, or whose volume crashed here open (its
+        intent log is not empty) is caught up by opening the volume as the server's own holder (no
+        client; it never blocks a delete): that open's CREATE tells each peer how in sync it is and
+        its missed chunks resync, exactly as for a client's open, held until every peer that answers
+        is in sync.  Looked at once at start (for every peer), when a peer answers again, and when a
+        volume closes with a peer behind; a visit that could not finish is tried again later, backing
+        off.  A copy found promoted elsewhere fences this one (as check_epochs does)."""
+        patience = patience if patience is not None else max(10.0, 4 * self.settings.ack_timeout)
+        self.request_catch_up()
+        while not stopping.is_set():
+            self._catch_up_wake.wait(1.0)
+            now = time.monotonic()
+            with self._lock:
+                self._catch_up_wake.clear()
+                queued, self._catch_up_queue = self._catch_up_queue, set()
+                for vid, (when, _pause) in list(self._retry_at.items()):
+                    if when <= now:
+                        queued.add((vid, None))
+            if not queued or stopping.is_set():
+                continue
+            try:
+                rows = [r for r in self.catalog.volumes() if r["role"] == "primary" and r["repl_id"] is not None]
+            except Exception as exc:
+                if stopping.is_set():
+                    return
+                log(f"catching up replicas: {exc}")
+                with self._lock:
+                    self._catch_up_queue |= queued
+                continue
+            everything = {p for v, p in queued if v is None}  # a peer answers again: backing off or not
+            with self._lock:
+                waiting = {v for v, (when, _pause) in self._retry_at.items() if when > now}
+            for row in rows:
+                if stopping.is_set():
+                    return
+                wanted = set(everything)
+                if row["id"] not in waiting:  # a volume whose last catch-up could not finish waits its turn
+                    wanted |= {p for v, p in queued if v == row["id"]}
+                if not wanted:
+                    continue
+                try:
+                    self._catch_up_volume(row, None if None in wanted else wanted, stopping, patience)
+                except Exception as exc:  # one volume's failure must not end the others' catch-up
+                    if stopping.is_set():
+                        return
+                    log(f"{row['name']}: catching up its replicas: {type(exc).__name__}: {exc}")
+                    self._retry_later(row["id"])
+
+    def _retry_later(self, volume_id):
+        with self._lock:
+            pause = self._retry_at.get(volume_id, (0, 2.5))[1] * 2
+            self._retry_at[volume_id] = (time.monotonic() + pause, min(pause, 300.0))
+
+    def _catch_up_volume(self, row, peer_names, stopping, patience):
+        vid = row["id"]
+        if self.volume(vid) is not None:
+            return  # open: its own replication catches its peers up
+        replicas = self.catalog.volume_replicas(vid)
+        for p in replicas:
+            try:
+                self.link(p)  # its heartbeats say when the peer answers again (and if it restarted)
+            except BlockdError:
+                pass
+        wanted = [p for p in replicas if peer_names is None or p["name"] in peer_names]
+        dirty = {p["name"] for p in wanted if self._peer_dirty(vid, p["name"])}
+        asked = [p for p in wanted if p["seeded"] or p["name"] in dirty]
+        if not asked:
+            return
+        copies = [{"address": p["address"], "key": p["public_key"], "name": p["name"]} for p in asked]
+        answers = self.query_copies(copies, row["repl_id"], refusals=True)
+        crashed = bool(IntentLog(self.files, os.path.join(self.datadir.volume_path(vid), INTENT_FILE)).load())
+        visit = False
+        for p in asked:
+            a = answers.get(p["address"])
+            if a is None:
+                continue  # silent: when its link answers again it is looked at again
+            if "refused" in a:
+                visit = visit or (a["refused"] == "unknown_volume" and bool(p["seeded"]))  # its copy is gone
+                continue
+            if isinstance(a.get("epoch"), int) and a["epoch"] > row["epoch"]:
+                self.supersede(row, a["epoch"], f"peer {p['name']}")
+                return
+            visit = visit or crashed or p["name"] in dirty or a.get("sync_state") != rp.IN_SYNC
+        if not visit:
+            with self._lock:
+                self._retry_at.pop(vid, None)
+            return
+        if self._visit(row, stopping, patience):
+            with self._lock:
+                self._retry_at.pop(vid, None)
+        elif not stopping.is_set():
+            self._retry_later(vid)
+
+    def _peer_dirty(self, volume_id, peer_name):
+        """Chunks on record for the peer to resync (or a chunk list to merge)."""
+        if os.path.exists(self.datadir.chunk_list_path(volume_id, peer_name)):
+            return True
+        with self._lock:
+            b = self._bitmaps.get((volume_id, peer_name))
+        if b is not None:
+            with b.lock:
+                return bool(b.log.chunks or b.unrecorded)
+        return bool(IntentLog(self.files, self.datadir.resync_path(volume_id, peer_name)).load())
+
+    def _visit(self, row, stopping, patience):
+        """Open the volume as this server's own holder until its peers are caught up; then close it."""
+        try:
+            volume = self.engine.open(row["name"], internal=True)
+        except Exception as exc:
+            log(f"{row['name']}: catching up its replicas: {exc}")
+            return False
+        try:
+            vr = volume.replication
+            if vr is None:
+                return False
+            log(f"{row['name']}: catching up its replicas while no client has it open")
+            done = vr.wait_caught_up(stopping, patience)
+            if done:
+                log(f"{row['name']}: replicas caught up")
+            return done
+        finally:
+            self.engine.release(volume, internal=True)
 
     def fence(self, vr, epoch, by):
         """A peer holds a newer epoch: this copy was superseded.  Never writable again here: it becomes

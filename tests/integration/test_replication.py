@@ -900,11 +900,12 @@ def test_verify_reports_a_copy_whose_size_differs(cluster):
     assert result["differences"] == {"b": []}  # the blocks both have are the same
 
 
-def test_a_resync_stops_when_its_volume_closes_and_resumes_at_the_next_open(cluster):
+def test_a_resync_stops_when_its_volume_closes_and_the_catch_up_finishes_it_without_a_client(cluster):
     """A resync reads through the Volume object it started with; once the volume closes, another
-    open has its own (and its own checksums): the old resync must stop, not race the new one."""
+    open has its own (and its own checksums): the old resync must stop, not race the new one.  The
+    last client going does not leave b behind: the server's own open (the catch-up) finishes it."""
     a, b = cluster(2)
-    a.server.extra += ["--resync-rate", "2"]  # MiB/s: 16 dirty chunks take ~30 s
+    a.server.extra += ["--resync-rate", "8"]  # MiB/s: 16 dirty chunks take ~8 s
     a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
     h = start_in_sync(a, [b], "v", 1, 4096)
     a.cli("volume", "set", "v", "--min-copies", "1", check=True)
@@ -919,18 +920,98 @@ def test_a_resync_stops_when_its_volume_closes_and_resumes_at_the_next_open(clus
              what="the resync to send its first chunk")
     h.shutdown()
     wait_for(lambda: control(a.data, {"op": "attached", "name": "v"})["connections"] == 0, 30,
-             what="the volume to close")
-    before = control(b.data, {"op": "sink"})["applied"].get("RESYNC", 0)
-    time.sleep(2.0)  # an observation window: a resync still running sends a chunk every ~2 s
-    assert control(b.data, {"op": "sink"})["applied"].get("RESYNC", 0) == before
-    h = a.connect("v")  # the next open resumes from the durable bitmap
-    a.cli("volume", "set", "v", "--min-copies", "2", check=True)
-    h.pwrite(b"x" * 4096, 3 * CHUNK)
-    wait_in_sync(a, "v", timeout=120)
-    h.flush()
+             what="the client's connection to close")
+    wait_in_sync(a, "v", timeout=120)  # no client: the catch-up's open resynced the rest
+    wait_for(lambda: "replicas caught up" in a.server.log(), 30, what="the catch-up to close the volume")
+    shown = js(a.cli("volume", "show", "v", "--json", check=True))
+    assert shown["attached"] is False and shown["connections"] == 0  # the server's own open is no client
+    assert replication(b, "v")["sync_state"] == "in_sync"
     assert verify(a, "v")["identical"]
     assert "Traceback" not in a.server.log()
+
+
+def test_a_replica_back_after_the_last_client_left_catches_up_without_one(cluster):
+    """b misses writes (min-copies 1), the client disconnects, then b returns: a resyncs what b missed
+    in the background (before, b stayed out of sync until a client opened the volume again), only the
+    dirty chunks, and the copies are identical."""
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "256MiB", "--replica", "b", "--min-copies", "1", check=True)
+    h = start_in_sync(a, [b], "v", 4, 4096)
+    b.server.kill9()
+    wait_for(lambda: replication(a, "v")["peers"]["b"]["state"] == "out_of_sync", 30, interval=0.1,
+             what="heartbeats to notice b is gone")
+    for c in (1, 5, 9):
+        h.pwrite(os.urandom(8192), c * CHUNK + 4096)
+    h.flush()
     h.shutdown()
+    peer = None
+
+    def closed_out_of_sync():
+        nonlocal peer
+        peer = replication(a, "v")["peers"]["b"]
+        return peer["state"] == "out_of_sync"
+
+    wait_for(closed_out_of_sync, 30, what="the volume to close with b behind")
+    assert peer["resync_remaining_chunks"] == 3
+    b.start()
+    wait_in_sync(a, "v")
+    assert replication(b, "v")["sync_state"] == "in_sync"
+    resynced = control(b.data, {"op": "sink"})["applied"].get("RESYNC", 0)
+    assert 1 <= resynced <= 3  # the dirty chunks only, not the volume
+    assert js(a.cli("volume", "show", "v", "--json", check=True))["attached"] is False
+    assert verify(a, "v")["identical"]
+
+
+def test_a_replica_restarted_while_its_primary_has_the_volume_closed_is_confirmed_and_promotable(cluster):
+    """b restarts while a has the volume closed: b says `unconfirmed` (it cannot know what it missed
+    while down) until a says; a asks, finds it so, and confirms it by opening the volume itself.  Then,
+    with a gone, b is promoted without --force.  Before, b stayed unconfirmed until a client opened the
+    volume on a, and failing over to it needed --force."""
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
+    data = os.urandom(65536)
+    h = start_in_sync(a, [b], "v", 0, 0)
+    h.pwrite(data, CHUNK)
+    h.flush()
+    h.shutdown()
+    b.server.kill9()
+    b.start()
+    wait_for(lambda: replication(b, "v")["sync_state"] == "in_sync", 30, interval=0.1, what="a to confirm b")
+    wait_in_sync(a, "v")
+    a.server.kill9()
+    out = js(b.cli("volume", "promote", "v", "--json", check=True))
+    assert not out["forced"]
+    h = b.connect("v")
+    assert h.pread(65536, CHUNK) == data
+    h.shutdown()
+
+
+def test_a_volume_held_only_by_a_catch_up_can_be_deleted(cluster):
+    """The server's own open (catching up b) is not a client: `volume delete` without --force goes
+    through, cuts no connection, and the catch-up ends quietly."""
+    a, b = cluster(2)
+    a.server.extra += ["--resync-rate", "1"]  # MiB/s: the catch-up holds the volume for a while
+    a.cli("volume", "create", "v", "--size", "256MiB", "--replica", "b", "--min-copies", "1", check=True)
+    h = start_in_sync(a, [b], "v", 1, 4096)
+    b.server.kill9()
+    wait_for(lambda: replication(a, "v")["peers"]["b"]["state"] == "out_of_sync", 30, interval=0.1,
+             what="heartbeats to notice b is gone")
+    for c in range(8):
+        h.pwrite(os.urandom(4096), c * CHUNK)
+    h.flush()
+    h.shutdown()
+    b.start()
+    wait_for(lambda: "catching up its replicas while no client has it open" in a.server.log(), 30,
+             what="the catch-up to open the volume")
+    assert replication(a, "v")["peers"]["b"]["state"] in ("resyncing", "out_of_sync")
+    out = js(a.cli("volume", "delete", "v", "--json", check=True))
+    assert out.get("connections_cut", 0) == 0, out
+    assert a.cli("volume", "show", "v").returncode == 1
+    a.cli("volume", "create", "w", "--size", "16MiB", check=True)  # the server goes on
+    h = a.connect("w")
+    h.pwrite(b"w" * 4096, 0)
+    h.shutdown()
+    assert "Traceback" not in a.server.log()
 
 
 def test_a_stalled_replica_times_out_then_catches_up(cluster):
@@ -1042,15 +1123,12 @@ def test_a_replica_whose_data_is_wiped_while_its_node_is_down_is_empty_and_resyn
     refused = b.cli("volume", "promote", "v")
     assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused.stderr
     assert "data is gone" in refused.stderr
-    b.start()
-    assert replication(b, "v")["sync_state"] == "empty"
-    h = a.connect("v")  # its CREATE says in_sync; b answers created: a full resync
-    wait_for(lambda: replication(a, "v")["peers"]["b"].get("resynced_bytes", 0) >= 4 * 64 * 1024,
-             60, interval=0.1, what="a full resync of b")
+    b.start()  # a asks b, which says empty: a opens the volume itself (no client), b answers its CREATE
+    # `created`, so a resyncs every chunk
     wait_in_sync(a, "v")
-    assert verify(a, "v")["identical"]
     assert replication(b, "v")["sync_state"] == "in_sync"
-    h.shutdown()
+    assert control(b.data, {"op": "sink"})["applied"].get("RESYNC", 0) >= 4  # every chunk a holds
+    assert verify(a, "v")["identical"]
 
 
 def test_a_lost_replica_leaves_its_primary_writable_across_reopens_and_promote_force_after_a_restart(cluster):
