@@ -720,8 +720,8 @@ def cmd_volume_promote(args):
             try:
                 report = engine.promote(args.name, force=args.force,
                                         own_key=node_keys[0].decode() if node_keys else None,
-                                        survivors=lambda copies, rid, epoch=0: query_copies(copies, node_keys, rid,
-                                                                                            epoch=epoch))
+                                        survivors=lambda copies, rid, epoch=0, claim=None: query_copies(
+                                            copies, node_keys, rid, epoch=epoch, claim=claim))
             finally:
                 engine.close()
         finally:

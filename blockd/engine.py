@@ -417,6 +417,12 @@ class Engine:
             raise Refused(f"refusing to promote {name}: " + "; ".join(reasons) + "; --force promotes it anyway "
                           "(acknowledged writes may be lost)")
         epoch = max([row["epoch"]] + [st.get("epoch", 0) for st in answers.values() if st]) + 1
+        # This promotion's token: a copy that hears another promotion announce the same epoch first does
+        # not count for this one, and this node's sink refuses another's announcement of it from now on.
+        token = os.urandom(8).hex()
+        if self.sink is not None and not self.sink.claim(row["repl_id"], epoch, token):
+            raise Refused(f"refusing to promote {name}: another promotion announced epoch {epoch} (or a newer one) "
+                          "to this copy meanwhile; check `blockd volume show` on the other copies")
         # This copy takes the epoch as a replica first: from now on its own sink refuses the old
         # primary too (it counts among the holders below), and what the chunk listing below sees is all
         # that copy will ever hold of the old primary's writes.
@@ -430,7 +436,9 @@ class Engine:
         taken = {}
         if others and survivors is not None:
             # Announce it before taking it: a copy that holds it refuses the old primary's writes.
-            taken = survivors(others, row["repl_id"], epoch=epoch)
+            taken = survivors(others, row["repl_id"], epoch=epoch, claim=token)
+            # A copy that heard another promotion's announcement of this epoch first holds it for that one.
+            taken = {a: (None if st and st.get("claimed_by_another") else st) for a, st in taken.items()}
             late = self._ahead(taken, mine, named) if partial else []
             if late:
                 # Acknowledged by the old primary between the first question and the announcement.

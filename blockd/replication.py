@@ -1828,9 +1828,9 @@ class Manager:
         for done in events:
             done.wait(self.settings.ack_timeout * 2)
 
-    def query_copies(self, copies, repl_id, epoch=0, refusals=False):
+    def query_copies(self, copies, repl_id, epoch=0, refusals=False, claim=None):
         return query_copies(copies, self.keys, repl_id, self.settings.insecure, self.settings.ack_timeout, epoch,
-                            refusals)
+                            refusals, claim)
 
     def links(self):
         with self._lock:
@@ -1857,6 +1857,8 @@ class Sink:
         self._floor = {}  # repl_id -> (epoch, seq) of the primary's last session CREATE: older writes refused
         self._applied_fds = {}  # repl_id -> fd of the volume's applied file (DataDir.applied_path)
         self._chunk_lists = {}  # repl_id -> (monotonic time, sorted chunk indexes): CHUNKS pages from one listing
+        self._claims = {}  # repl_id -> (epoch, token) of the promotion that announced that epoch here first
+        self._claims_lock = threading.Lock()  # the sink thread and a promotion here (control thread)
         self._state_seq = {}  # repl_id -> (epoch, seq) of what last set its sync state (a CREATE, a refused write)
         self._empty_since = {}  # repl_id -> (epoch, seq) of the last CREATE answered `created` while empty
         self._volumes = {}  # repl_id -> (Volume opened for the sink, the epoch last checked in the catalog)
@@ -2062,6 +2064,19 @@ class Sink:
             row = self.catalog.volume_by_repl_id(msg.volume)
             if row is None:
                 raise _Refuse(f"no copy with replication id {msg.volume} here", "unknown_volume")
+            try:
+                token = msg.json().get("claim") if msg.data else None
+            except rp.ProtocolError:
+                token = None
+            if msg.epoch > 0 and isinstance(token, str) and not self.claim(msg.volume, msg.epoch, token):
+                # Another promotion announced this epoch here first (or a newer one): not taken for this one,
+                # which must not count this copy (two primaries at one epoch would never fence each other).
+                applied = self.last_applied(msg.volume, row)
+                return rp.json_message(rp.ACK, {"epoch": row["epoch"], "role": row["role"], "size": row["size"],
+                                                "sync_state": self.engine.datadir.replica_sync_state(row),
+                                                "applied_epoch": applied[0], "applied_seq": applied[1],
+                                                "claimed_by_another": True},
+                                       volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
             if msg.epoch > row["epoch"]:
                 # A copy being promoted announces its new epoch: from now on the old primary's writes are
                 # refused here as stale (it is fenced at its next request), and this copy, a replica,
@@ -2142,6 +2157,19 @@ class Sink:
             # Client writes only: a RESYNC carries a new seq but brings a copy up to date, not ahead.
             self._note_applied(volume.volume_id, volume.name, msg.volume, (msg.epoch, msg.seq))
         return self._ack(msg)
+
+    def claim(self, repl_id, epoch, token):
+        """A promotion (``token``, one per promotion) announces ``epoch`` for a volume here, or takes it
+        here (this node's own promotion, before it adopts the epoch): False if another promotion claimed
+        that epoch or a newer one first.  Two copies promoted at once both compute the same next epoch;
+        without this, each could count the other (and a third copy that heard both) as holding its epoch.
+        Kept in memory: a sink restarted between two such announcements takes the second too."""
+        with self._claims_lock:
+            held = self._claims.get(repl_id)
+            if held is not None and (held[0] > epoch or (held[0] == epoch and held[1] != token)):
+                return False
+            self._claims[repl_id] = (epoch, token)
+            return True
 
     def _note_applied(self, volume_id, name, repl_id, pos):
         """Remember the last client write applied, (epoch, seq), in memory and in the volume's applied
@@ -2295,13 +2323,14 @@ class Sink:
                 "volumes": len(self._volumes)}
 
 
-def query_copies(copies, keys, repl_id, insecure=False, timeout=2.0, epoch=0, refusals=False):
+def query_copies(copies, keys, repl_id, insecure=False, timeout=2.0, epoch=0, refusals=False, claim=None):
     """Ask each copy's sink for its state of a volume: {address: {"epoch", "role", "sync_state",
     "applied_seq"} or None if it does not answer (with ``refusals``, a refusal is {"refused": code})}.
     Used by promotion to find the most up-to-date survivor, and, with ``epoch``, to announce a
     promotion's new epoch: a copy below it takes it (a primary there is fenced), so the old primary's
-    writes are refused there from then on."""
-    msg = rp.json_message(rp.STATE, {}, volume=repl_id, seq=1, epoch=epoch)
+    writes are refused there from then on; ``claim`` (the promotion's token) lets a copy that heard
+    another promotion announce the same epoch first answer ``claimed_by_another``."""
+    msg = rp.json_message(rp.STATE, {"claim": claim} if claim else {}, volume=repl_id, seq=1, epoch=epoch)
     out = {}
     for address, reply in ask_copies(copies, keys, msg, insecure, timeout).items():
         try:

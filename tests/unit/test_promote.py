@@ -37,7 +37,7 @@ def test_a_copy_whose_data_is_gone_is_refused_whatever_the_others_say(replica):
     rig, row = replica
     os.rmdir(rig.datadir.volume_path(row["id"]))
     with pytest.raises(Refused, match=r"its data is gone here"):
-        rig.engine.promote("v", own_key="KB", survivors=lambda copies, rid, epoch=0: answers(100, epoch or 1))
+        rig.engine.promote("v", own_key="KB", survivors=lambda copies, rid, epoch=0, claim=None: answers(100, epoch or 1))
     assert rig.engine.catalog.volume("v")["role"] == "replica"
 
 
@@ -53,7 +53,7 @@ def test_a_write_acknowledged_between_the_question_and_the_announcement_refuses(
     rig, row = replica
     calls = []
 
-    def survivors(copies, repl_id, epoch=0):
+    def survivors(copies, repl_id, epoch=0, claim=None):
         calls.append(epoch)
         # First question: c is where b is.  Meanwhile the old primary gets c to acknowledge one more.
         return answers(100 if not epoch else 101, c_epoch=epoch or 1)
@@ -70,7 +70,7 @@ def test_a_write_acknowledged_between_the_question_and_the_announcement_refuses(
 
 def test_promotion_fills_every_bitmap_before_it_takes_the_epoch(replica):
     rig, row = replica
-    report = rig.engine.promote("v", own_key="KB", survivors=lambda copies, rid, epoch=0: answers(100, epoch or 1))
+    report = rig.engine.promote("v", own_key="KB", survivors=lambda copies, rid, epoch=0, claim=None: answers(100, epoch or 1))
     assert report["epoch"] == 2 and not report["forced"]
     after = rig.engine.catalog.volume("v")
     assert after["role"] == "primary" and after["epoch"] == 2
@@ -82,7 +82,7 @@ def test_a_bad_compare_limit_is_one_clear_error_and_changes_nothing(replica, mon
     rig, row = replica
     monkeypatch.setenv("BLOCKD_FULL_COMPARE_LIMIT", "256G")
     with pytest.raises(BadInput, match="BLOCKD_FULL_COMPARE_LIMIT"):
-        rig.engine.promote("v", own_key="KB", survivors=lambda copies, rid, epoch=0: answers(100, epoch or 1))
+        rig.engine.promote("v", own_key="KB", survivors=lambda copies, rid, epoch=0, claim=None: answers(100, epoch or 1))
     assert rig.engine.catalog.volume("v")["role"] == "replica"
 
 
@@ -90,7 +90,7 @@ def test_a_later_epoch_outranks_a_larger_seq(replica):
     """Seqs come from each primary's clock: a write at epoch 2 is later than any at epoch 1."""
     rig, row = replica
 
-    def survivors(copies, repl_id, epoch=0):
+    def survivors(copies, repl_id, epoch=0, claim=None):
         out = answers(5, c_epoch=epoch or 2)
         out[OTHERS[1]["address"]]["applied_epoch"] = 2
         return out
@@ -104,7 +104,7 @@ def test_another_promotion_announcing_the_same_epoch_first_refuses(replica):
     first wins, and the other must not take epoch 2 as well (two primaries at one epoch never fence)."""
     rig, row = replica
 
-    def survivors(copies, repl_id, epoch=0):
+    def survivors(copies, repl_id, epoch=0, claim=None):
         if not epoch:
             rig.engine.catalog.adopt_epoch(row["id"], 2)  # the other promotion's announcement lands here
         return answers(100, epoch or 1)
@@ -120,7 +120,7 @@ def test_a_copy_that_answers_empty_vouches_for_nothing(replica):
     copy that answered, so promoting b is refused."""
     rig, row = replica
 
-    def survivors(copies, repl_id, epoch=0):
+    def survivors(copies, repl_id, epoch=0, claim=None):
         out = answers(0, epoch or 1)
         out[OTHERS[1]["address"]].update(sync_state="empty", applied_epoch=0)
         return out
@@ -170,7 +170,7 @@ def test_promotion_takes_the_largest_size_a_copy_says_it_has(replica):
     it is 4 MiB (this copy 1 MiB): the promoted volume is 4 MiB, every chunk of it due for comparison."""
     rig, row = replica
 
-    def survivors(copies, repl_id, epoch=0):
+    def survivors(copies, repl_id, epoch=0, claim=None):
         out = answers(100, epoch or 1)
         out[OTHERS[1]["address"]]["size"] = 4 << 20
         return out
@@ -179,3 +179,36 @@ def test_promotion_takes_the_largest_size_a_copy_says_it_has(replica):
     assert report["epoch"] == 2 and not report["forced"]
     assert rig.engine.catalog.volume("v")["size"] == 4 << 20
     assert IntentLog(OsFiles(), rig.datadir.resync_path(row["id"], "c")).load() == set(range(64))
+
+
+def test_a_copy_that_heard_another_promotion_announce_the_epoch_first_does_not_count(replica):
+    """b and c promoted at once, both at epoch 2; c's announcement reached the old primary a first.
+    a answers b `claimed_by_another`: b must not count it (nor c, which holds 2 for itself), so b
+    has 1 of the 2 holders it needs and is refused; without this both became primaries at epoch 2."""
+    rig, row = replica
+
+    def survivors(copies, repl_id, epoch=0, claim=None):
+        if not epoch:
+            return answers(100, 1, primary={"epoch": 1, "role": "primary"})
+        assert claim  # the promotion's token goes with its announcement
+        taken = {"epoch": epoch, "role": "replica", "sync_state": "in_sync", "applied_epoch": 1,
+                 "applied_seq": 100, "claimed_by_another": True}
+        return {OTHERS[1]["address"]: dict(taken), PRIMARY["address"]: dict(taken)}
+
+    with pytest.raises(Refused, match=r"only 1 of the 3 copies hold epoch 2"):
+        rig.engine.promote("v", own_key="KB", survivors=survivors)
+    assert rig.engine.catalog.volume("v")["role"] == "replica"
+
+
+def test_a_promotion_here_refuses_once_this_node_heard_another_claim_the_epoch(replica):
+    """This node's sink already took c's announcement of epoch 2 (its claim) before this promotion
+    adopts it: refused, nothing changes here."""
+    from blockd.replication import Settings, Sink
+
+    rig, row = replica
+    rig.engine.sink = Sink(rig.engine, "tcp://127.0.0.1:1", None, Settings(insecure=True), [])
+    assert rig.engine.sink.claim(row["repl_id"], 2, "c-token")
+    with pytest.raises(Refused, match="another promotion announced epoch 2"):
+        rig.engine.promote("v", own_key="KB", survivors=lambda copies, rid, epoch=0, claim=None: answers(100, epoch or 1))
+    after = rig.engine.catalog.volume("v")
+    assert after["role"] == "replica" and after["epoch"] == 1

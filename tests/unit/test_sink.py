@@ -107,3 +107,27 @@ def test_a_session_create_saying_in_sync_does_not_clear_an_empty_copy(sink):
     assert _create_with(ask, 5, flags=rp.SESSION, state="in_sync", seeded=True, applied_through=4)["created"]
     again = _create_with(ask, 20, flags=rp.SESSION, state="in_sync", seeded=True, applied_through=19)
     assert again["created"] and rig.engine.catalog.volume("v")["sync_state"] == "empty"
+
+
+def _announce(ask, epoch, token):
+    return ask(rp.json_message(rp.STATE, {"claim": token}, volume=REPL_ID, epoch=epoch, seq=1)).json()
+
+
+def test_two_promotions_announcing_one_epoch_the_second_is_told_so_and_takes_nothing(sink):
+    """Copies b and c promoted at once both compute epoch 2 and announce it here.  The first takes it;
+    the second hears `claimed_by_another` (it must not count this copy: two primaries at epoch 2 would
+    never fence each other); a repeat of the first's announcement still counts; a newer epoch is taken."""
+    rig, s, ask = sink
+    assert _create(ask, 1).type == rp.ACK
+    first = _announce(ask, 2, "b-token")
+    assert first["epoch"] == 2 and not first.get("claimed_by_another")
+    second = _announce(ask, 2, "c-token")
+    assert second["claimed_by_another"] and second["epoch"] == 2
+    assert not _announce(ask, 2, "b-token").get("claimed_by_another")  # the same promotion, asked again
+    assert _announce(ask, 1, "old-token")["claimed_by_another"]  # older than what was claimed
+    newer = _announce(ask, 3, "c-token")
+    assert newer["epoch"] == 3 and not newer.get("claimed_by_another")
+    assert rig.engine.catalog.volume("v")["epoch"] == 3
+    plain = ask(rp.json_message(rp.STATE, {}, volume=REPL_ID, seq=1)).json()  # a question, no announcement
+    assert plain["epoch"] == 3 and not plain.get("claimed_by_another")
+    assert not s.claim(REPL_ID, 3, "b-token") and s.claim(REPL_ID, 4, "b-token")  # this node's own promotion
