@@ -54,7 +54,9 @@ class Engine:
         self._closed = threading.Condition(self._lock)
         self._open = {}  # volume id -> _Open
         self._closing = set()  # volume ids whose last connection is closing them
-        self._retired = {}  # volume id -> _Open: deleted (--force) while connections still hold it
+        # (volume id, id(Volume)) -> _Open: deleted (--force) or fenced while connections still hold it (a
+        # volume fenced, promoted here, opened and fenced again has two)
+        self._retired = {}
 
     def open(self, name, readonly=False, replica=False, internal=False):
         """Attach: the shared Volume for ``name`` (refcounted).
@@ -76,12 +78,22 @@ class Engine:
             if entry is None:
                 entry = self._open_volume(row)
                 self._open[row["id"]] = entry
+            elif entry.replica != replica:
+                # Its role changed while this waited (a fence, and the sink opened the copy as a replica; or
+                # a promotion): never hand a replica copy to a client, nor a primary to the sink.
+                self._check_role({"role": "replica" if entry.replica else "primary", "name": row["name"]}, replica)
             elif row["size"] > entry.volume.size:
                 entry.volume.size = row["size"]  # grown while attached: new connections see it
             entry.refs += 1
             if internal:
                 entry.holds += 1
-            return entry.volume
+            shared = entry.refs > 1
+        repl = entry.volume.replication
+        if shared and repl is not None and not internal:
+            # As a first open would: a peer left behind whose CREATE was refused (no room to grow) is asked
+            # again (also when this server's own open, a catch-up, has held the volume since).
+            repl.retry_behind()
+        return entry.volume
 
     @staticmethod
     def _check_role(row, replica):
@@ -324,7 +336,7 @@ class Engine:
                 return True
             entry.volume.retire(f"fenced: a newer primary holds epoch {epoch}")
             entry.remove_files = False
-            self._retired[volume_id] = entry
+            self._retired[(volume_id, id(entry.volume))] = entry
             os.close(entry.lock_fd)
             entry.lock_fd = None
         return True
@@ -495,6 +507,8 @@ class Engine:
         if peer_names:
             self.files.fsync_dir(self.datadir.resync_dir)
         new = self.catalog.promote(name, peer_names, epoch)
+        if self.replication is not None and peer_names:
+            self.replication.request_catch_up(row["id"])  # the other copies resync without waiting for a client
         return {"name": name, "epoch": new["epoch"], "replicas": peer_names, "forced": bool(reasons),
                 "warnings": reasons, "min_copies": new["min_copies"]}
 
@@ -571,7 +585,7 @@ class Engine:
 
     def _release_retired(self, volume, internal=False):
         """Called with the engine lock held: the last connection of a deleted volume cleans up."""
-        entry = self._retired.get(volume.volume_id)
+        entry = self._retired.get((volume.volume_id, id(volume)))
         if entry is None or entry.volume is not volume:
             return
         entry.refs -= 1
@@ -579,7 +593,7 @@ class Engine:
             entry.holds -= 1
         if entry.refs > 0:
             return
-        del self._retired[volume.volume_id]
+        del self._retired[(volume.volume_id, id(volume))]
         try:
             if self.replication is not None and entry.volume.replication is not None:
                 # Deleted (fenced ones were detached by the fence): its resyncs stop, it leaves the manager.
@@ -593,6 +607,12 @@ class Engine:
                 self.datadir.remove_volume_files(volume.volume_id)
 
     # ---- control operations (reached through the control socket) ----------
+    def clients(self, volume_id):
+        """How many holders of an open volume are not this server's own (NBD connections, verify, scrub)."""
+        with self._lock:
+            entry = self._open.get(volume_id)
+            return entry.refs - entry.holds if entry is not None else 0
+
     def connections(self, name):
         """How many NBD connections have ``name`` open (0: not attached)."""
         row = self.catalog.volume(name)
@@ -653,8 +673,10 @@ class Engine:
             if entry is not None:
                 # Also when only this server holds it (a background catch-up): that hold ends with EIO.
                 entry.volume.retire("volume was deleted")
+                if entry.volume.replication is not None:
+                    entry.volume.replication.close(wait=False)  # its resyncs stop; a catch-up holding it ends
                 del self._open[row["id"]]
-                self._retired[row["id"]] = entry
+                self._retired[(row["id"], id(entry.volume))] = entry
                 cut = clients  # a replica copy: the sink's hold, no client
             peers = self.catalog.volume_replicas(row["id"]) if row["repl_id"] is not None else []
             self.catalog.delete_volume(name)
@@ -705,7 +727,11 @@ class Engine:
         flushes them): leaving in the middle of that flush would leave work for crash recovery.
         Returns the names that failed (or were still closing after ``closing_timeout`` seconds)."""
         failed = []
-        for volume in self.open_volumes():
+        with self._lock:
+            # Not the ones only this server holds (a catch-up): written by nobody since their last close,
+            # and a flush there could wait for a quorum its resyncing peer cannot give yet.
+            volumes = [e.volume for e in self._open.values() if e.refs > e.holds]
+        for volume in volumes:
             try:
                 volume.flush()
             except Exception:
@@ -730,6 +756,8 @@ class Engine:
                     self._persist_credits(entry.volume)
                 except Exception:
                     pass
+                if entry.volume.replication is not None:
+                    entry.volume.replication.close()  # its resyncs stop before its store closes
                 entry.volume.close()
             except Exception:
                 failed.append(entry.volume.name)

@@ -206,6 +206,7 @@ def _watch_quit(fd):
     poller.register(fd, select.POLLIN)
     while not poller.poll(None):
         pass
+    _stopping.set()  # background work (a catch-up's visit) ends before the flush
     with _shutdown_lock:
         if _engine is None:
             return

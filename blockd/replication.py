@@ -617,6 +617,12 @@ class VolumeReplication:
                 state = reply.json()
             except rp.ProtocolError:
                 state = {}
+            lost = bool(state.get("created")) and ps.seeded
+            if lost:
+                # Before it counts as answered (session_created): a catch-up waiting for it must not see it
+                # in sync, with nothing to resync, in between.
+                log(f"{self.volume.name}: peer {name} lost its copy: full resync")
+                self._missed(name, ps, self._all_chunks(), "copy lost", reset=False)
             with self._cond:
                 if state.get("applied_epoch") == self.epoch:
                     # This primary's seqs must rise above what that copy applied at this epoch, whatever
@@ -633,10 +639,7 @@ class VolumeReplication:
                     self.manager.catalog.clear_promoted(self.volume.volume_id)
                 except Exception:
                     pass
-            if state.get("created") and ps.seeded:
-                log(f"{self.volume.name}: peer {name} lost its copy: full resync")
-                self._missed(name, ps, self._all_chunks(), "copy lost", reset=False)
-            elif not ps.seeded:
+            if not lost and not ps.seeded:
                 try:
                     self.manager.catalog.set_seeded(self.volume.volume_id, ps.peer_id)
                 except Exception as exc:
@@ -1101,6 +1104,15 @@ class VolumeReplication:
             if ps.link is link and ps.state.state == rp.OUT_OF_SYNC:
                 self._reconnect(name, ps)
 
+    def retry_behind(self):
+        """Another open of the volume: a peer that answers but is out of sync with no resync running (its
+        CREATE was refused: no room to grow) gets a new CREATE, as a first open's would send it."""
+        with self._cond:
+            behind = [(n, ps) for n, ps in self.peers.items() if ps.state.state == rp.OUT_OF_SYNC and ps.link.up
+                      and ps.resync_thread is None and not self.closed]
+        for name, ps in behind:
+            self._reconnect(name, ps)
+
     def _reconnect(self, name, ps):
         try:
             info = self._info()
@@ -1351,28 +1363,33 @@ class VolumeReplication:
                 continue
             return
 
-    def wait_caught_up(self, stopping, patience):
+    def wait_caught_up(self, stopping, patience, clients=lambda: 0, limit=600.0):
         """For a catch-up (the volume open with no client): until every peer whose link is up answered
-        this open's CREATE and is in sync with nothing left to resync (True), or nothing moved for
-        ``patience`` seconds, no peer is up, the volume closed or was fenced, or ``stopping`` (False)."""
+        this open's CREATE and is in sync with nothing left to resync.  Returns why it stopped waiting:
+        ``done``; ``no_peer`` (none is up); ``stuck`` (nothing moved for ``patience`` seconds, or
+        ``limit`` seconds went by: others get their turn); ``client`` (a client opened it: its open
+        goes on with the resync); ``closed`` (deleted, fenced, closed); ``stopping``."""
         last, since = None, time.monotonic()
+        end = since + limit
         while not stopping.is_set():
             with self._cond:
-                if self.fenced or self.closed:
-                    return False
+                if self.fenced or self.closed or self.volume.gone:
+                    return "closed"
                 up = [ps for ps in self.peers.values() if ps.link.up]
                 if up and all(ps.state.state == rp.IN_SYNC and ps.session_created and not ps.pending_count()
                               for ps in up):
-                    return True
+                    return "done"
                 now = time.monotonic()
                 seen = tuple((ps.state.state, ps.session_created, ps.resync_done, ps.resynced_bytes, ps.link.up)
                              for ps in self.peers.values())
                 if seen != last:
                     last, since = seen, now
-                elif now - since > patience:
-                    return False
+                elif now - since > patience or now > end:
+                    return "stuck" if up else "no_peer"
                 self._cond.wait(0.1)
-        return False
+            if clients() > 0:
+                return "client"
+        return "stopping"
 
     def peer_sizes(self):
         """{peer: the size its copy has (None if it does not say)}: what verify compares first."""
@@ -1525,10 +1542,13 @@ class Manager:
         if not mine or vr.fenced:
             return
         behind = False
+        seen = {}
         with vr._cond:
             for name, ps in vr.peers.items():
-                self._closed_states[(volume.volume_id, name)] = (ps.state.state, ps.link.instance)
+                seen[(volume.volume_id, name)] = (ps.state.state, ps.link.instance)
                 behind = behind or (ps.link.up and (ps.state.state != rp.IN_SYNC or bool(ps.pending_count())))
+        with self._lock:
+            self._closed_states.update(seen)
         if behind:
             self.request_catch_up(volume.volume_id)
 
@@ -1555,13 +1575,15 @@ class Manager:
         """Thread: a replica of a volume that is closed here catches up without waiting for a client.
 
         A peer that missed writes (its resync bitmap is not empty), restarted (it says ``unconfirmed``
-        until a primary says how in sync it is), lost its copy, or whose volume crashed here open (its
-        intent log is not empty) is caught up by opening the volume as the server's own holder (no
-        client; it never blocks a delete): that open's CREATE tells each peer how in sync it is and
-        its missed chunks resync, exactly as for a client's open, held until every peer that answers
-        is in sync.  Looked at once at start (for every peer), when a peer answers again, and when a
-        volume closes with a peer behind; a visit that could not finish is tried again later, backing
-        off.  A copy found promoted elsewhere fences this one (as check_epochs does)."""
+        until a primary says how in sync it is), lost its copy, holds a smaller copy (a resize it
+        missed), or whose volume crashed here open (its intent log is not empty) is caught up by
+        opening the volume as the server's own holder (no client; it never blocks a delete): that
+        open's CREATE tells each peer how in sync it is and its missed chunks resync, exactly as for a
+        client's open, held until every peer that answers is in sync (or a client opens it: its open
+        goes on).  Looked at at start, when a peer answers again (only peers whose link is up are
+        asked), when a volume closes with a peer behind, and after a promotion here; a visit that
+        could not finish while its peers answered is tried again later, backing off.  A copy found
+        promoted elsewhere fences this one (as check_epochs does)."""
         patience = patience if patience is not None else max(10.0, 4 * self.settings.ack_timeout)
         self.request_catch_up()
         while not stopping.is_set():
@@ -1570,9 +1592,8 @@ class Manager:
             with self._lock:
                 self._catch_up_wake.clear()
                 queued, self._catch_up_queue = self._catch_up_queue, set()
-                for vid, (when, _pause) in list(self._retry_at.items()):
-                    if when <= now:
-                        queued.add((vid, None))
+                waiting = {v for v, (when, _pause) in self._retry_at.items() if when > now}
+                queued |= {(v, None) for v, (when, _pause) in self._retry_at.items() if when <= now}
             if not queued or stopping.is_set():
                 continue
             try:
@@ -1584,15 +1605,16 @@ class Manager:
                 with self._lock:
                     self._catch_up_queue |= queued
                 continue
-            everything = {p for v, p in queued if v is None}  # a peer answers again: backing off or not
-            with self._lock:
-                waiting = {v for v, (when, _pause) in self._retry_at.items() if when > now}
+            with self._lock:  # deleted, fenced or promoted away since: nothing to retry
+                for vid in set(self._retry_at) - {r["id"] for r in rows}:
+                    del self._retry_at[vid]
+            everything = {p for v, p in queued if v is None}
             for row in rows:
                 if stopping.is_set():
                     return
-                wanted = set(everything)
-                if row["id"] not in waiting:  # a volume whose last catch-up could not finish waits its turn
-                    wanted |= {p for v, p in queued if v == row["id"]}
+                if row["id"] in waiting:
+                    continue  # its last catch-up could not finish though its peers answered: it waits its turn
+                wanted = everything | {p for v, p in queued if v == row["id"]}
                 if not wanted:
                     continue
                 try:
@@ -1605,20 +1627,25 @@ class Manager:
 
     def _retry_later(self, volume_id):
         with self._lock:
-            pause = self._retry_at.get(volume_id, (0, 2.5))[1] * 2
-            self._retry_at[volume_id] = (time.monotonic() + pause, min(pause, 300.0))
+            pause = min(self._retry_at.get(volume_id, (0, 2.5))[1] * 2, 300.0)
+            self._retry_at[volume_id] = (time.monotonic() + pause, pause)
 
     def _catch_up_volume(self, row, peer_names, stopping, patience):
         vid = row["id"]
         if self.volume(vid) is not None:
-            return  # open: its own replication catches its peers up
+            with self._lock:
+                self._retry_at.pop(vid, None)  # open: its own replication catches its peers up
+            return
         replicas = self.catalog.volume_replicas(vid)
+        links = {}
         for p in replicas:
             try:
-                self.link(p)  # its heartbeats say when the peer answers again (and if it restarted)
+                links[p["name"]] = self.link(p)  # its heartbeats say when the peer answers again (or restarted)
             except BlockdError:
                 pass
-        wanted = [p for p in replicas if peer_names is None or p["name"] in peer_names]
+        # Only peers that answer now: one that does not is looked at again when its link comes up.
+        wanted = [p for p in replicas if (peer_names is None or p["name"] in peer_names)
+                  and p["name"] in links and links[p["name"]].up]
         dirty = {p["name"] for p in wanted if self._peer_dirty(vid, p["name"])}
         asked = [p for p in wanted if p["seeded"] or p["name"] in dirty]
         if not asked:
@@ -1632,21 +1659,31 @@ class Manager:
             if a is None:
                 continue  # silent: when its link answers again it is looked at again
             if "refused" in a:
-                visit = visit or (a["refused"] == "unknown_volume" and bool(p["seeded"]))  # its copy is gone
+                if a["refused"] == "unknown_volume" and p["seeded"]:
+                    visit = True  # its copy is gone
+                    self._forget_closed_state(vid, p["name"])
                 continue
             if isinstance(a.get("epoch"), int) and a["epoch"] > row["epoch"]:
                 self.supersede(row, a["epoch"], f"peer {p['name']}")
                 return
-            visit = visit or crashed or p["name"] in dirty or a.get("sync_state") != rp.IN_SYNC
+            smaller = isinstance(a.get("size"), int) and a["size"] < row["size"]  # it missed a resize
+            if a.get("sync_state") != rp.IN_SYNC or smaller:
+                self._forget_closed_state(vid, p["name"])
+            visit = visit or crashed or smaller or p["name"] in dirty or a.get("sync_state") != rp.IN_SYNC
         if not visit:
             with self._lock:
                 self._retry_at.pop(vid, None)
             return
-        if self._visit(row, stopping, patience):
+        why = self._visit(row, stopping, patience)
+        if why == "stuck":
+            self._retry_later(vid)
+        elif why != "stopping":
             with self._lock:
                 self._retry_at.pop(vid, None)
-        elif not stopping.is_set():
-            self._retry_later(vid)
+
+    def _forget_closed_state(self, volume_id, peer_name):
+        with self._lock:
+            self._closed_states.pop((volume_id, peer_name), None)
 
     def _peer_dirty(self, volume_id, peer_name):
         """Chunks on record for the peer to resync (or a chunk list to merge)."""
@@ -1660,21 +1697,25 @@ class Manager:
         return bool(IntentLog(self.files, self.datadir.resync_path(volume_id, peer_name)).load())
 
     def _visit(self, row, stopping, patience):
-        """Open the volume as this server's own holder until its peers are caught up; then close it."""
+        """Open the volume as this server's own holder until its peers are caught up; then close it.
+        Returns why it ended (VolumeReplication.wait_caught_up)."""
         try:
             volume = self.engine.open(row["name"], internal=True)
         except Exception as exc:
             log(f"{row['name']}: catching up its replicas: {exc}")
-            return False
+            return "closed"
         try:
             vr = volume.replication
             if vr is None:
-                return False
+                return "closed"
             log(f"{row['name']}: catching up its replicas while no client has it open")
-            done = vr.wait_caught_up(stopping, patience)
-            if done:
+            why = vr.wait_caught_up(stopping, patience, lambda: self.engine.clients(row["id"]))
+            if why == "done":
                 log(f"{row['name']}: replicas caught up")
-            return done
+            elif why in ("stuck", "no_peer"):
+                log(f"{row['name']}: replicas not caught up yet ({'no progress' if why == 'stuck' else 'no peer answers'}); "
+                    "tried again later")
+            return why
         finally:
             self.engine.release(volume, internal=True)
 
@@ -1803,6 +1844,11 @@ class Manager:
                     took.append(c["name"])
                     continue
                 why.append(f"{c['name']} refused: {body.get('error') or body.get('code')}")
+        missed = [c["name"] for c in copies if c["name"] not in took]
+        for name in missed:
+            self._forget_closed_state(row["id"], name)
+        if missed:
+            self.request_catch_up(row["id"])  # grown by a visit's CREATE once it answers (or has room)
         if len(took) < row["min_copies"] - 1:
             raise Refused(f"volume {row['name']}: not resized: {len(took)} of {len(copies)} replica(s) took "
                           f"{format_size(size)} ({'; '.join(why)}) and writes need {row['min_copies']} copies "
