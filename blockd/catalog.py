@@ -402,11 +402,13 @@ class Catalog:
             db.execute("UPDATE pools SET provisioned = provisioned + ? WHERE id=?", (size, pool["id"]))
         return self.volume(name)
 
-    def create_replica(self, name, size, type_, repl_id, epoch, min_copies=1):
-        """The replica side of a replicated volume (role 'replica': not exported until promoted)."""
+    def create_replica(self, name, size, type_, repl_id, epoch, min_copies=1, iops=None, throughput=None):
+        """The replica side of a replicated volume (role 'replica': not exported until promoted), with its
+        primary's type, IOPS and throughput (a promoted copy serves with them)."""
         check_name(name)
         check_volume_size(size)
         check_type(type_)
+        check_qos(iops, throughput)
         with self.transaction() as db:
             existing = db.execute("SELECT repl_id FROM volumes WHERE name=?", (name,)).fetchone()
             if existing:
@@ -414,12 +416,18 @@ class Catalog:
             pool = db.execute("SELECT * FROM pools WHERE name=?", (DEFAULT_POOL,)).fetchone()
             self._reserve(db, pool, size, f"holding a replica of {name} ({format_size(size)})")
             db.execute(
-                "INSERT INTO volumes (name, pool_id, size, type, created_at, repl_id, role, epoch, min_copies) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'replica', ?, ?)",
-                (name, pool["id"], size, type_, time.time(), repl_id, epoch, min_copies),
+                "INSERT INTO volumes (name, pool_id, size, type, iops, throughput, created_at, repl_id, role, epoch, "
+                "min_copies) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'replica', ?, ?)",
+                (name, pool["id"], size, type_, iops, throughput, time.time(), repl_id, epoch, min_copies),
             )
             db.execute("UPDATE pools SET provisioned = provisioned + ? WHERE id=?", (size, pool["id"]))
         return self.volume(name)
+
+    def set_replica_limits(self, volume_id, type_, iops, throughput):
+        """A replica copy's type, IOPS and throughput, as its primary's CREATE says (modified there)."""
+        with self.transaction() as db:
+            db.execute("UPDATE volumes SET type=?, iops=?, throughput=? WHERE id=? AND role='replica'",
+                       (type_, iops, throughput, volume_id))
 
     def volume_by_repl_id(self, repl_id):
         rows = self._query(

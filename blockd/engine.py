@@ -260,7 +260,10 @@ class Engine:
                     volume.qos = self._admission(row)
                 else:
                     self._admission(row, current=volume.qos)
+        grows = entry is not None and row["size"] > entry.volume.size
         self._publish_size(entry, row["size"])
+        if entry is not None and not grows and entry.volume.replication is not None:
+            entry.volume.replication.tell_peers()  # the new type and limits, kept by the copies for a promotion
         return row
 
     def _before_growing(self, row, size, check):

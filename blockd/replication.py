@@ -556,6 +556,7 @@ class VolumeReplication:
         # Rises across opens and restarts (survivors compare applied seqs): the clock, but never below this
         # process's last open of the volume, nor (once its CREATE is answered) what a replica applied.
         self._seq = max(time.time_ns() // 1000, manager.last_seqs.get(volume.volume_id, 0))
+        self._unrepaired_logged = 0.0  # when a failed read-repair was last logged
         self._waiting = set()  # tickets a request thread is waiting on
         self._settling = 0  # threads in settle(): only then does a settled request notify
         self.peers = {}  # name -> PeerState
@@ -588,8 +589,10 @@ class VolumeReplication:
         copies = [{"name": n, "key": ps.link.public_key, "address": ps.link.address} for n, ps in self.peers.items()]
         me = self.manager.keys[0].decode() if self.manager.keys else None
         copies.append({"name": None, "key": me, "address": self.manager.settings.listen})
-        return {"name": row["name"], "size": row["size"], "type": row["type"], "chunk_size": row["chunk_size"],
-                "min_copies": self.min_copies, "copies": copies}
+        # Type, IOPS and throughput too: a promoted copy serves with the limits its primary had.
+        return {"name": row["name"], "size": row["size"], "type": row["type"], "iops": row["iops"],
+                "throughput": row["throughput"], "chunk_size": row["chunk_size"], "min_copies": self.min_copies,
+                "copies": copies}
 
     def create_on_peers(self):
         """Queue CREATE to every peer (first on each link, so before any write); answers handled as they come."""
@@ -1306,8 +1309,8 @@ class VolumeReplication:
                 t.join()
 
     # -- read-repair -------------------------------------------------------------------------
-    def fetch_block(self, offset, expected):
-        """A block from an in-sync replica whose data hashes to ``expected``; None if none has it."""
+    def fetch_block(self, offset, accept):
+        """A block from an in-sync replica whose data hashes to one of ``accept``; None if none has it."""
         for name, ps in self.peers.items():
             if not ps.state.counts:
                 continue
@@ -1318,10 +1321,18 @@ class VolumeReplication:
             data = np.frombuffer(bytes(reply.data), dtype=np.uint8).copy()
             got = np.empty(1, dtype=np.uint64)
             checksum.hash_blocks(data, got)
-            if int(got[0]) == expected:
+            if int(got[0]) in accept:
                 log(f"{self.volume.name}: read-repair of block at {offset} from {name}")
                 return data
         return None
+
+    def log_unrepaired(self, offset):
+        """One line per block a read-repair could not fix (a line per second at most)."""
+        now = time.monotonic()
+        if now - self._unrepaired_logged >= 1.0:
+            self._unrepaired_logged = now
+            log(f"{self.volume.name}: read-repair of block at {offset}: no in-sync replica has a copy matching "
+                "this one's checksum or data; the read fails (EIO)")
 
     # -- inspection ----------------------------------------------------------------------------
     def status(self):
@@ -2031,7 +2042,7 @@ class Sink:
         """This copy refused a write it was sent: it lacks it (not for a sender that is stale or a volume
         that is not a replica here: those change nothing here)."""
         code = _nack_code(reply)
-        if code in ("stale_epoch", "unknown_volume", "not_replica", "malformed"):
+        if code in ("stale_epoch", "unknown_volume", "not_replica", "malformed", "unknown_epoch"):
             return
         try:
             self.catalog.mark_replica_behind(msg.volume)
@@ -2075,6 +2086,11 @@ class Sink:
             raise _Refuse(f"no replica with replication id {msg.volume} here", "unknown_volume")
         if msg.epoch < row["epoch"]:
             raise _Stale(row)
+        if msg.epoch > row["epoch"] and msg.type not in (rp.RESIZE, rp.DELETE):
+            # A new primary's first message on a link is its CREATE (a promotion's is a STATE): a write at an
+            # epoch never announced here is refused, and changes nothing (no epoch taken, no fence).
+            raise _Refuse(f"epoch {msg.epoch} is newer than this copy's {row['epoch']}: its primary's CREATE "
+                          "comes first", "unknown_epoch")
         if row["role"] != "replica":
             if msg.epoch == row["epoch"]:
                 raise _Refuse(f"volume {row['name']} is a primary here (epoch {row['epoch']})", "not_replica")
@@ -2272,9 +2288,7 @@ class Sink:
 
     def _create(self, msg):
         info = msg.json()
-        for key in ("name", "size", "type", "chunk_size"):
-            if key not in info:
-                raise rp.ProtocolError(f"CREATE: missing {key}")
+        _check_create(info)
         row = self.catalog.volume_by_repl_id(msg.volume)
         created = False
         if row is None:
@@ -2283,8 +2297,9 @@ class Sink:
                 raise _Refuse(f"chunk size {info['chunk_size']} differs from this pool's {pool['chunk_size']}",
                               "chunk_size")
             try:
-                row = self.catalog.create_replica(info["name"], int(info["size"]), info["type"], msg.volume,
-                                                  msg.epoch, int(info.get("min_copies", 1)))
+                row = self.catalog.create_replica(info["name"], info["size"], info["type"], msg.volume,
+                                                  msg.epoch, info.get("min_copies", 1), info.get("iops"),
+                                                  info.get("throughput"))
             except (BadInput, Refused, NotFound) as exc:
                 raise _Refuse(str(exc), "create") from None
             created = True
@@ -2303,12 +2318,16 @@ class Sink:
                 row = self.catalog.volume_by_repl_id(msg.volume)
             elif msg.epoch > row["epoch"]:
                 self.catalog.set_epoch_role(row["id"], msg.epoch, "replica")
-            if int(info["size"]) > row["size"]:
+            if info["size"] > row["size"]:
                 try:
-                    self.catalog.resize_volume(row["name"], int(info["size"]))
+                    self.catalog.resize_volume(row["name"], info["size"])
                 except BlockdError as exc:
                     self.catalog.mark_replica_behind(msg.volume)  # smaller than its primary: not a full copy
                     raise _Refuse(f"resize: {exc}", "resize") from None
+            if "iops" in info and (info["type"], info["iops"], info.get("throughput")) != (
+                    row["type"], row["iops"], row["throughput"]):
+                # Modified on its primary (Elastic Volumes): kept here for when this copy is promoted.
+                self.catalog.set_replica_limits(row["id"], info["type"], info["iops"], info.get("throughput"))
         import json as _json
 
         state = info.get("state")
@@ -2417,6 +2436,37 @@ def ask_copies(copies, keys, msg, insecure=False, timeout=2.0):
         finally:
             sock.close(linger=0)
     return out
+
+
+def _check_create(info):
+    """A CREATE's payload, checked before anything here changes: ProtocolError (refused as malformed)."""
+    from .catalog import check_qos
+    from .voltypes import VOLUME_TYPES, check
+
+    def whole(key, low=0):
+        value = info.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise rp.ProtocolError(f"CREATE: {key} must be a whole number of at least {low}, not {value!r}")
+
+    for key in ("name", "size", "type", "chunk_size"):
+        if key not in info:
+            raise rp.ProtocolError(f"CREATE: missing {key}")
+    if not isinstance(info["name"], str):
+        raise rp.ProtocolError("CREATE: name must be a string")
+    whole("size", 1)
+    whole("chunk_size", 1)
+    if "min_copies" in info:
+        whole("min_copies", 1)
+    if info["type"] not in VOLUME_TYPES:
+        raise rp.ProtocolError(f"CREATE: unknown volume type {info['type']!r}")
+    if not isinstance(info.get("copies", []), list):
+        raise rp.ProtocolError("CREATE: copies must be a list")
+    if "iops" in info:  # (a primary from before limits were sent says nothing of them: kept as they are)
+        try:
+            check_qos(info["iops"], info.get("throughput"))
+            check(info["type"], info["size"], info["iops"], info.get("throughput"))
+        except BlockdError as exc:
+            raise rp.ProtocolError(f"CREATE: {exc}") from None
 
 
 class _Refuse(Exception):

@@ -201,6 +201,8 @@ def limits(type_, size, iops=None, throughput=None):
         return {"iops": t["burst_iops"] if bursts else base, "throughput_mibps": mibps,
                 "baseline_iops": base, "baseline_throughput_mibps": base_mibps,
                 "credits_max": t["credit_depth"] if bursts else None, "credit_unit": "ops" if bursts else None}
+    if iops is None and t.get("iops_required"):
+        iops = t["min_iops"]  # a copy made before replicas kept their IOPS: never a crash, the lowest figure
     if type_ == "io1":
         if iops <= t["high_iops_from"]:
             m = min(t["low_iops_max_mibps"], iops * t["mibps_per_iops"])

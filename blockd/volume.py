@@ -137,6 +137,9 @@ class Volume:
     def repair_blocks(self, offsets):
         """Fetch each block from an in-sync replica, check it against our checksum, rewrite it locally.
 
+        The replica's block is taken if it matches our checksum (our data rotted), or our data as it is
+        on disk (our checksum rotted: the data was right).  Not otherwise: a write still on its way to
+        the replica may not be there yet, and its old block must never overwrite the newer one here.
         Returns the offsets repaired; all-or-nothing for a read (False if any
         block could not be repaired: the read then fails with EIO).
         """
@@ -149,8 +152,13 @@ class Volume:
             try:
                 c, co = divmod(off, self.chunk_size)
                 expected = int(self.store.sums(c)[co // BLOCK_SIZE])
-                data = repl.fetch_block(off, expected)
+                accept = {expected}
+                local = self._hash_on_disk(c, co)
+                if local is not None:
+                    accept.add(local)
+                data = repl.fetch_block(off, accept)
                 if data is None:
+                    repl.log_unrepaired(off)
                     continue
                 self._write_blocks(data, off)  # local only: the replica already holds it
             finally:
@@ -160,6 +168,21 @@ class Volume:
             self.read_repairs += len(done)
             self.events.read_repair(self, len(done))
         return done if len(done) == len(offsets) else []
+
+    def _hash_on_disk(self, c, chunk_offset):
+        """xxh64 of one block as it is on disk here, unverified (None if it cannot be read)."""
+        buf = np.zeros(BLOCK_SIZE, dtype=np.uint8)
+        fd = self.store.pin(c)
+        if fd is not None:
+            try:
+                self.store.read_into(fd, chunk_offset, memoryview(buf))
+            except OSError:
+                return None
+            finally:
+                self.store.unpin(c)
+        out = np.empty(1, dtype=np.uint64)
+        checksum.hash_blocks(buf, out)
+        return int(out[0])
 
     def _read_blocks(self, view, offset):
         """Read whole blocks at an aligned ``offset`` into ``view`` and verify them."""

@@ -442,6 +442,43 @@ def test_read_repair_and_scrub_repair_from_the_replica(cluster):
     h.shutdown()
 
 
+def test_a_rotten_checksum_entry_on_the_primary_is_repaired_from_the_replica(cluster):
+    """From a black-box run: a flipped byte in the primary's checksums file (its data intact) gave EIO on
+    every read of that block, and scrub --repair could not fix it: the replica's block was accepted only
+    if it matched the rotten checksum.  Now a replica block equal to the data on disk here is taken."""
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
+    data = os.urandom(2 * CHUNK)
+    start_in_sync(a, [b], "v", 0, 0).shutdown()
+    h = a.connect("v")
+    h.pwrite(data, 0)
+    h.flush()
+    wait_in_sync(a, "v")
+    h.shutdown()
+    assert a.server.stop() == 0  # the sums are cached while it runs: rot them at rest
+    vol_id = js(a.cli("volume", "show", "v", "--json"))["id"]
+    sums = os.path.join(a.data, "volumes", str(vol_id), "checksums")
+    blocks_per_chunk = CHUNK // 4096
+    for chunk, block in ((0, 2), (1, 0), (1, 5)):
+        where = (chunk * blocks_per_chunk + block) * 8 + 3
+        fd = os.open(sums, os.O_RDWR)
+        try:
+            os.pwrite(fd, bytes([os.pread(fd, 1, where)[0] ^ 0x10]), where)
+        finally:
+            os.close(fd)
+    a.start()
+    h = a.connect("v")
+    assert h.pread(4096, 2 * 4096) == data[2 * 4096:3 * 4096]  # read-repair: the data was right all along
+    out = a.cli("scrub", "v", "--repair", "--json")
+    res = json.loads(out.stdout)
+    assert out.returncode == 0 and res["corrupt_offsets"] == [CHUNK, CHUNK + 5 * 4096], res
+    assert res["repaired_offsets"] == res["corrupt_offsets"]
+    assert js(a.cli("scrub", "v", "--json"))["clean"]
+    assert h.pread(2 * CHUNK, 0) == data
+    assert verify(a, "v")["identical"]
+    h.shutdown()
+
+
 def test_failover_promote_then_the_old_primary_is_fenced_and_resynced(cluster):
     a, b = cluster(2)
     a.cli("volume", "create", "v", "--size", "128MiB", "--replica", "b", check=True)
@@ -1184,3 +1221,28 @@ def test_a_lost_replica_leaves_its_primary_writable_across_reopens_and_promote_f
         assert catalog.volume("v")["sync_state"] != "promoted"
     finally:
         catalog.close()
+
+
+def test_a_promoted_copy_serves_with_its_primarys_type_and_iops(cluster):
+    """From a black-box run: replica copies were made without IOPS or throughput, so an io2 volume could
+    not be opened (nor shown) once promoted, and a gp3 one came back at the default limits.  The copy
+    keeps the primary's type and limits, a modification included."""
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "4GiB", "--type", "io2", "--iops", "3000", "--replica", "b", check=True)
+    data = os.urandom(8192)
+    h = start_in_sync(a, [b], "v", 0, 0)
+    h.pwrite(data, 0)
+    h.flush()
+    shown = js(b.cli("volume", "show", "v", "--json", check=True))
+    assert (shown["type"], shown["iops"], shown["limits"]["iops"]) == ("io2", 3000, 3000), shown
+    a.cli("volume", "modify", "v", "--iops", "4000", check=True)  # Elastic Volumes, while open
+    wait_for(lambda: js(b.cli("volume", "show", "v", "--json", check=True))["iops"] == 4000, 30, interval=0.1,
+             what="the copy to take the new IOPS")
+    h.shutdown()
+    a.server.kill9()
+    assert not js(b.cli("volume", "promote", "v", "--json", check=True))["forced"]
+    hb = b.connect("v")
+    assert hb.pread(8192, 0) == data
+    hb.shutdown()
+    shown = js(b.cli("volume", "show", "v", "--json", check=True))
+    assert (shown["role"], shown["type"], shown["iops"], shown["limits"]["iops"]) == ("primary", "io2", 4000, 4000)

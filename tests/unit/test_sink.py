@@ -131,3 +131,53 @@ def test_two_promotions_announcing_one_epoch_the_second_is_told_so_and_takes_not
     plain = ask(rp.json_message(rp.STATE, {}, volume=REPL_ID, seq=1)).json()  # a question, no announcement
     assert plain["epoch"] == 3 and not plain.get("claimed_by_another")
     assert not s.claim(REPL_ID, 3, "b-token") and s.claim(REPL_ID, 4, "b-token")  # this node's own promotion
+
+
+def _create_info(ask, epoch=1, **info):
+    base = {"name": "v", "size": 8 << 30, "type": "raw", "chunk_size": 64 * 1024, "min_copies": 1}
+    base.update(info)
+    return ask(rp.json_message(rp.CREATE, {k: v for k, v in base.items() if v is not ...}, volume=REPL_ID,
+                               epoch=epoch, seq=1))
+
+
+def test_a_replica_copy_keeps_its_primarys_type_iops_and_throughput(sink):
+    """From a black-box run: replica copies were made without IOPS, so an io2 copy could not even be
+    shown, nor opened once promoted.  The CREATE carries them; a later one (modified on the primary)
+    updates them."""
+    rig, s, ask = sink
+    assert _create_info(ask, type="io2", iops=3000, throughput=None).type == rp.ACK
+    row = rig.engine.catalog.volume("v")
+    assert (row["type"], row["iops"], row["throughput"]) == ("io2", 3000, None)
+    assert _create_info(ask, type="gp3", iops=4000, throughput=250).type == rp.ACK
+    row = rig.engine.catalog.volume("v")
+    assert (row["type"], row["iops"], row["throughput"]) == ("gp3", 4000, 250)
+    assert _create_info(ask, type="raw", iops=..., throughput=...).type == rp.ACK  # an older primary: kept
+    assert rig.engine.catalog.volume("v")["iops"] == 4000
+
+
+@pytest.mark.parametrize("bad", [
+    {"size": 4096.5}, {"size": "4096"}, {"size": float("nan")}, {"size": 0}, {"size": True},
+    {"type": "io2", "iops": None}, {"type": "io9"}, {"min_copies": 0}, {"copies": -1},
+    {"chunk_size": "x"}, {"name": 7}, {"type": "gp3", "iops": 10 ** 9}, {"iops": -1},
+])
+def test_a_create_with_a_bad_field_is_refused_and_changes_nothing(sink, bad):
+    rig, s, ask = sink
+    before = s.refused["malformed"]
+    reply = _create_info(ask, **bad)
+    assert reply.type == rp.NACK and reply.json()["code"] == "malformed", reply.json()
+    assert rig.engine.catalog.find_volume("v") is None
+    assert s.refused["malformed"] == before + 1
+
+
+def test_a_write_at_an_epoch_never_announced_is_refused_and_takes_nothing(sink):
+    """From a black-box run: a WRITE past the end at epoch 99 was refused as out of range, yet the copy
+    took epoch 99 (which fenced its real primary).  A new primary's CREATE comes first: a data message
+    at a newer epoch is refused and changes nothing, nor marks the copy behind."""
+    rig, s, ask = sink
+    assert _create(ask, 1).type == rp.ACK
+    rig.engine.catalog.set_replica_view(rig.engine.catalog.volume("v")["id"], "in_sync", 1, "[]")
+    reply = _write(ask, 99, 5, 1)
+    assert reply.type == rp.NACK and reply.json()["code"] == "unknown_epoch"
+    row = rig.engine.catalog.volume("v")
+    assert row["epoch"] == 1 and row["sync_state"] == "in_sync"
+    assert _write(ask, 1, 6, 2).type == rp.ACK  # its primary goes on
