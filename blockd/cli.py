@@ -568,16 +568,31 @@ def cmd_volume_delete(args):
     mode, handle = _live(datadir, args.name)
     cut = 0
     if mode == "online":
-        cut = control.call(handle, "delete", name=args.name, force=args.force)["connections_cut"]
+        answer = control.call(handle, "delete", name=args.name, force=args.force)
+        cut, pending = answer["connections_cut"], answer.get("copies_pending_delete", [])
     else:
-        # Files go while the lock is still held: no server can open the volume meanwhile.
-        _offline(datadir, lambda catalog: datadir.remove_volume_files(catalog.delete_volume(args.name)))
+        def delete(catalog):
+            # Files go while the lock is still held: no server can open the volume meanwhile.  Its copies
+            # on peers are deleted by this node's next server (tombstones), once each peer answers.
+            row = catalog.volume(args.name)
+            peers = ([p["name"] for p in catalog.volume_replicas(row["id"])]
+                     if row["repl_id"] is not None and row["role"] == "primary" else [])
+            datadir.remove_volume_files(catalog.delete_volume(args.name))
+            datadir.remember_peer_deletes(row, peers)
+            return peers
+
+        pending = _offline(datadir, delete)
     if args.json:
-        _print({"name": args.name, "deleted": True, "connections_cut": cut, "online": mode == "online"})
-    elif cut:
+        _print({"name": args.name, "deleted": True, "connections_cut": cut, "online": mode == "online",
+                "copies_pending_delete": pending})
+        return
+    if cut:
         print(f"deleted {args.name} (forced: {cut} connection{'s' if cut != 1 else ''} now get EIO)")
     else:
         print(f"deleted {args.name}")
+    if pending:
+        print(f"its copies on {', '.join(pending)} are deleted when {'they answer' if len(pending) > 1 else 'it answers'} "
+              "(a server runs here)")
 
 
 def cmd_volume_modify(args):

@@ -182,8 +182,9 @@ class ControlServer:
         force = request.get("force", False)
         if not isinstance(force, bool):
             raise BadInput("invalid request: force must be true or false")
-        cut = self.engine.delete(name, force=force)
-        return {"name": name, "connections_cut": cut}
+        report = {}
+        cut = self.engine.delete(name, force=force, report=report)
+        return {"name": name, "connections_cut": cut, "copies_pending_delete": report.get("copies_pending_delete", [])}
 
     def _op_scrub(self, request, emit):
         name = _name(request)

@@ -143,6 +143,47 @@ class DataDir:
         """The sync state to show and decide on: ``empty`` for a lost copy, else what its primary last said."""
         return rp.EMPTY if self.replica_copy_lost(row) else row["sync_state"]
 
+    def tombstone_path(self, repl_id, peer):
+        """Present while ``peer`` still holds a copy of a volume deleted here (it did not answer the
+        DELETE): {"name", "epoch"}; the server sends the DELETE again when the peer answers."""
+        return os.path.join(self.resync_dir, f"deleted.{repl_id}.{peer}")
+
+    def remember_peer_deletes(self, row, peers):
+        """Tombstones for the copies ``peers`` hold of the deleted primary volume ``row``."""
+        import json
+
+        os.makedirs(self.resync_dir, exist_ok=True)
+        for peer in peers:
+            with open(self.tombstone_path(row["repl_id"], peer), "w") as f:
+                json.dump({"name": row["name"], "epoch": row["epoch"]}, f)
+                f.flush()
+                os.fsync(f.fileno())
+        if peers:
+            fsync_dir(self.resync_dir)
+
+    def tombstones(self):
+        """[(path, repl_id, peer, {"name", "epoch"})] of copies still to delete on peers."""
+        import json
+
+        out = []
+        try:
+            names = os.listdir(self.resync_dir)
+        except OSError:
+            return out
+        for name in names:
+            parts = name.split(".", 2)
+            if len(parts) != 3 or parts[0] != "deleted" or not parts[1].isdigit():
+                continue
+            path = os.path.join(self.resync_dir, name)
+            try:
+                with open(path) as f:
+                    info = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(info, dict) and isinstance(info.get("epoch"), int):
+                out.append((path, int(parts[1]), parts[2], info))
+        return out
+
     def chunk_list_path(self, volume_id, peer):
         """Present while ``peer``'s list of chunks is still to be merged into its resync bitmap (after a
         promotion of a volume too big to compare whole: a chunk only the other copy holds is compared too)."""

@@ -651,13 +651,15 @@ class Engine:
         self._publish_size(entry, new)
         return old, new
 
-    def delete(self, name, force=False):
+    def delete(self, name, force=False, report=None):
         """Delete a volume and free its chunks; refused while attached unless ``force``.
 
         With ``force``, its connections stay open but every request on them
         fails with EIO from now on; the files go at once (descriptors still
         open keep only unlinked inodes) and again when the last one closes.
-        Returns how many connections were cut.
+        Returns how many connections were cut; ``report`` (a dict) gets
+        ``copies_pending_delete``: peers that did not confirm deleting their copy
+        (it is deleted when they answer again).
         """
         check_name(name)
         with self._lock:
@@ -686,8 +688,15 @@ class Engine:
         # Outside the lock (a big volume takes a while): with the row gone, nobody can open it again.
         self._drop_bitmaps(row["id"])
         self.datadir.remove_volume_files(row["id"])
-        if peers and row["role"] == "primary" and self.replication is not None:
-            self.replication.delete_on_peers(row, peers)  # best effort: a peer away keeps an orphan copy
+        pending = []
+        if peers and row["role"] == "primary":
+            if self.replication is not None:
+                pending = self.replication.delete_on_peers(row, peers)  # a peer away: a tombstone, sent again
+            else:
+                pending = [p["name"] for p in peers]
+                self.datadir.remember_peer_deletes(row, pending)
+        if report is not None:
+            report["copies_pending_delete"] = pending
         return cut
 
     def scrub(self, name, progress=None, repair=False):

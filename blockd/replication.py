@@ -47,6 +47,7 @@ DEFAULT_HEARTBEAT = 0.5
 DEFAULT_RESYNC_MIBPS = 256.0
 CHUNKS_PAGE = 1 << 20  # chunk indexes per CHUNKS answer (8 MiB): a page is quick once the peer listed them
 RECONNECT_DELAY = 0.2
+REFUSAL_LOG_PER_SECOND = 10  # the sink logs refusals up to this many lines a second, then counts them
 # ZMQ I/O threads per context: CurveZMQ encrypts and decrypts on them, one connection each (every request
 # thread has its own DEALER, so connections spread).  One per two CPUs, up to 4: on 2 CPUs one, as before
 # (a second only competed with the request threads for the same two cores).
@@ -1607,6 +1608,11 @@ class Manager:
                 queued |= {(v, None) for v, (when, _pause) in self._retry_at.items() if when <= now}
             if not queued or stopping.is_set():
                 continue
+            peers_now = {p for v, p in queued if v is None}
+            try:
+                self._deliver_tombstones(None if None in peers_now else peers_now)
+            except Exception as exc:
+                log(f"deleting copies of deleted volumes: {type(exc).__name__}: {exc}")
             try:
                 rows = [r for r in self.catalog.volumes() if r["role"] == "primary" and r["repl_id"] is not None]
             except Exception as exc:
@@ -1871,19 +1877,75 @@ class Manager:
             return self._volumes.get(volume_id)
 
     def delete_on_peers(self, row, peers):
-        """Tell each peer to delete its copy; waits briefly for the answers, never fails the delete."""
-        events = []
+        """Tell each peer to delete its copy; waits briefly for the answers, never fails the delete.  A peer
+        that does not confirm it gets a tombstone (DataDir.remember_peer_deletes): the DELETE is sent
+        again when it answers (catch_up).  Returns the names of those peers."""
+        waits = []
         for p in peers:
+            done = threading.Event()
+            result = {}
+            waits.append((p["name"], done, result))
             try:
                 link = self.link(p)
             except BlockdError:
+                done.set()
                 continue
-            done = threading.Event()
-            msg = rp.Message(rp.DELETE, volume=row["repl_id"], epoch=row["epoch"], seq=time.time_ns() // 1000)
-            link.send(msg, lambda ok, reply, done=done: done.set())
-            events.append(done)
-        for done in events:
+            self._send_delete(link, row["repl_id"], row["epoch"], result, done)
+        pending = []
+        for name, done, result in waits:
             done.wait(self.settings.ack_timeout * 2)
+            if not result.get("gone"):
+                pending.append(name)
+        try:
+            self.datadir.remember_peer_deletes(row, pending)
+        except OSError as exc:
+            log(f"{row['name']}: recording the copies still to delete ({', '.join(pending)}): {exc}")
+        return pending
+
+    def _send_delete(self, link, repl_id, epoch, result, done):
+        def answered(ok, reply):
+            code = None if ok else _nack_code(reply)
+            # Deleted, or nothing to delete there (no such copy; a newer primary's, or one promoted there,
+            # which is not ours to delete).
+            result["gone"] = ok or code in ("unknown_volume", "stale_epoch", "not_replica")
+            result["code"] = code
+            done.set()
+
+        msg = rp.Message(rp.DELETE, volume=repl_id, epoch=epoch, seq=time.time_ns() // 1000)
+        link.send(msg, answered)
+
+    def _deliver_tombstones(self, peer_names):
+        """Copies of volumes deleted here that a peer (one of ``peer_names``, None: any) did not delete
+        then: sent the DELETE again now that its link answers; the tombstone goes once it is done."""
+        try:
+            peers = {p["name"]: p for p in self.catalog.peers()}
+        except Exception:
+            return
+        for path, repl_id, name, info in self.datadir.tombstones():
+            if peer_names is not None and name not in peer_names:
+                continue
+            peer = peers.get(name)
+            if peer is None:
+                _remove_quietly(path)  # the peer was removed from this node's configuration
+                continue
+            try:
+                link = self.link(peer)
+            except BlockdError:
+                continue
+            if not link.up:
+                continue
+
+            def answered(result, done, path=path, name=name, info=info):
+                if result.get("gone"):
+                    _remove_quietly(path)
+                    log(f"{info.get('name')}: its copy on {name} deleted (the volume was deleted here while "
+                        f"{name} did not answer)" if result.get("code") is None else
+                        f"{info.get('name')}: nothing to delete on {name} ({result.get('code')})")
+
+            result, done = {}, threading.Event()
+            self._send_delete(link, repl_id, info["epoch"], result, done)
+            done.wait(self.settings.ack_timeout * 2)
+            answered(result, done)
 
     def query_copies(self, copies, repl_id, epoch=0, refusals=False, claim=None):
         return query_copies(copies, self.keys, repl_id, self.settings.insecure, self.settings.ack_timeout, epoch,
@@ -1915,6 +1977,7 @@ class Sink:
         self._applied_fds = {}  # repl_id -> fd of the volume's applied file (DataDir.applied_path)
         self._chunk_lists = {}  # repl_id -> (monotonic time, sorted chunk indexes): CHUNKS pages from one listing
         self._claims = {}  # repl_id -> (epoch, token) of the promotion that announced that epoch here first
+        self._log_window, self._log_lines, self._log_skipped = 0.0, 0, 0  # refusal lines (sink thread only)
         self._claims_lock = threading.Lock()  # the sink thread and a promotion here (control thread)
         self._state_seq = {}  # repl_id -> (epoch, seq) of what last set its sync state (a CREATE, a refused write)
         self._empty_since = {}  # repl_id -> (epoch, seq) of the last CREATE answered `created` while empty
@@ -2009,7 +2072,7 @@ class Sink:
                 msg = rp.decode([f.buffer for f in body])
             except rp.ProtocolError as exc:
                 self.refused["malformed"] += 1
-                log(f"sink: refused a malformed message: {exc}")
+                self._log_refusal(f"sink: refused a malformed message: {exc}")
                 self._reply(ident, rp.json_message(rp.NACK, {"error": str(exc), "code": "malformed"}))
                 continue
             try:
@@ -2019,7 +2082,7 @@ class Sink:
                 reply = self._nack(msg, str(exc), "malformed")
             except _Refuse as exc:
                 self.refused[exc.code] += 1
-                log(f"sink: refused {rp.NAMES[msg.type]} for volume {msg.volume}: {exc}")
+                self._log_refusal(f"sink: refused {rp.NAMES[msg.type]} for volume {msg.volume}: {exc}")
                 reply = self._nack(msg, str(exc), exc.code, **exc.extra)
             except BlockdError as exc:
                 self.refused["error"] += 1
@@ -2027,7 +2090,7 @@ class Sink:
                 reply = self._nack(msg, str(exc), "error")
             except Exception as exc:  # a bug: answer, log, keep serving
                 self.refused["error"] += 1
-                log(f"sink: {rp.NAMES.get(msg.type)}: {type(exc).__name__}: {exc}")
+                self._log_refusal(f"sink: {rp.NAMES.get(msg.type)}: {type(exc).__name__}: {exc}")
                 reply = self._nack(msg, f"internal error: {exc}", "error")
             if reply.type == rp.NACK and msg.type in (rp.WRITE, rp.TRIM, rp.ZERO, rp.RESYNC, rp.RESIZE):
                 self._behind(msg, reply)  # (a refused RESIZE: smaller than its primary, it misses what is past)
@@ -2037,6 +2100,20 @@ class Sink:
                 except Exception as exc:
                     log(f"sink: releasing a volume: {exc}")
             self._reply(ident, reply)
+
+    def _log_refusal(self, text):
+        """Refusals are logged, up to REFUSAL_LOG_PER_SECOND lines a second (a flood of garbage must not
+        flood the log; every one is counted in the metrics), then one line saying how many were not."""
+        now = time.monotonic()
+        if now - self._log_window >= 1.0:
+            if self._log_skipped:
+                log(f"sink: {self._log_skipped} more refusal(s) not logged (see blockd_sink_refused_total)")
+            self._log_window, self._log_lines, self._log_skipped = now, 0, 0
+        if self._log_lines < REFUSAL_LOG_PER_SECOND:
+            self._log_lines += 1
+            log(text)
+        else:
+            self._log_skipped += 1
 
     def _behind(self, msg, reply):
         """This copy refused a write it was sent: it lacks it (not for a sender that is stale or a volume
@@ -2436,6 +2513,13 @@ def ask_copies(copies, keys, msg, insecure=False, timeout=2.0):
         finally:
             sock.close(linger=0)
     return out
+
+
+def _remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _check_create(info):

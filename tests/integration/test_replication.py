@@ -1246,3 +1246,49 @@ def test_a_promoted_copy_serves_with_its_primarys_type_and_iops(cluster):
     hb.shutdown()
     shown = js(b.cli("volume", "show", "v", "--json", check=True))
     assert (shown["role"], shown["type"], shown["iops"], shown["limits"]["iops"]) == ("primary", "io2", 4000, 4000)
+
+
+def test_a_volume_deleted_while_its_replica_is_down_is_deleted_there_when_it_answers(cluster):
+    """From a black-box run: deleting a replicated volume with its replica's node down said nothing, and
+    the copy stayed there for good (promotable with --force: the deleted volume back).  Now the delete
+    names the copy it could not reach, and the DELETE goes again when that node answers; the same for
+    a delete with no server running here (the next server sends it)."""
+    a, b = cluster(2)
+    for name in ("v", "w"):
+        a.cli("volume", "create", name, "--size", "16MiB", "--replica", "b", "--min-copies", "1", check=True)
+    b.start()
+    a.start()
+    for name in ("v", "w"):
+        h = a.connect(name)
+        h.pwrite(b"d" * 4096, 0)
+        h.flush()
+        wait_in_sync(a, name)
+        h.shutdown()
+    assert {v["name"] for v in js(b.cli("volume", "list", "--json", check=True))} >= {"v", "w"}
+    b.server.kill9()
+    out = js(a.cli("volume", "delete", "v", "--json", check=True))
+    assert out["copies_pending_delete"] == ["b"], out
+    text = a.cli("volume", "delete", "w", check=True).stdout  # (also said without --json)
+    assert "its copies on b are deleted when it answers" in text, text
+    a.server.stop()
+    b.start()
+    names = {v["name"] for v in js(b.cli("volume", "list", "--json", check=True))}
+    assert {"v", "w"} <= names  # nobody told b yet
+    a.start()  # its catch-up sends the DELETEs once b answers
+    wait_for(lambda: not {"v", "w"} & {v["name"] for v in js(b.cli("volume", "list", "--json", check=True))}, 30,
+             interval=0.1, what="b to delete its copies")
+    assert "its copy on b deleted" in a.server.log()
+    assert not [f for f in os.listdir(os.path.join(a.data, "resync")) if f.startswith("deleted.")]
+
+
+def test_an_offline_delete_of_a_replicated_volume_reaches_its_replica_through_the_next_server(cluster):
+    a, b = cluster(2)
+    a.cli("volume", "create", "v", "--size", "16MiB", "--replica", "b", check=True)
+    start_in_sync(a, [b], "v", 1, 4096).shutdown()
+    assert a.server.stop() == 0
+    out = js(a.cli("volume", "delete", "v", "--json", check=True))  # no server on a
+    assert out["copies_pending_delete"] == ["b"] and not out["online"]
+    assert b.cli("volume", "show", "v").returncode == 0
+    a.start()
+    wait_for(lambda: b.cli("volume", "show", "v").returncode == 1, 30, interval=0.1,
+             what="b to delete its copy")

@@ -2,6 +2,7 @@
 its cache of open replicas must never outlive what the catalog says about them."""
 
 import glob
+import time
 import os
 
 import numpy as np
@@ -181,3 +182,21 @@ def test_a_write_at_an_epoch_never_announced_is_refused_and_takes_nothing(sink):
     row = rig.engine.catalog.volume("v")
     assert row["epoch"] == 1 and row["sync_state"] == "in_sync"
     assert _write(ask, 1, 6, 2).type == rp.ACK  # its primary goes on
+
+
+def test_a_flood_of_garbage_is_counted_in_full_but_logged_only_so_much(sink, capfd):
+    """From a black-box run: 20,000 garbage messages made 20,000 log lines.  Every one is still
+    refused and counted; the log gets at most REFUSAL_LOG_PER_SECOND lines a second of them."""
+    from blockd.replication import REFUSAL_LOG_PER_SECOND
+
+    rig, s, ask = sink
+    started = time.monotonic()
+    for i in range(200):
+        reply = ask(rp.Message(rp.WRITE, volume=REPL_ID, epoch=1, seq=i + 1, offset=0, length=4096,
+                               sums=b"x" * 8, data=b"y" * 4096))  # no such volume here: refused
+        assert reply.type == rp.NACK
+    elapsed = time.monotonic() - started
+    assert s.refused["unknown_volume"] == 200
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "refused WRITE" in ln]
+    assert 1 <= len(lines) <= REFUSAL_LOG_PER_SECOND * (int(elapsed) + 2), len(lines)
+    assert _create(ask, 1).type == rp.ACK  # and it serves on
