@@ -629,7 +629,8 @@ class Catalog:
             row = db.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
             if not row:
                 raise NotFound(f"unknown volume {name!r}")
-            voltypes.check(row["type"], size, row["iops"], row["throughput"])
+            if row["role"] != "replica":  # a replica copy grows with its primary, which checked the size
+                voltypes.check(row["type"], size, row["iops"], row["throughput"])
             if size < row["size"]:
                 raise Refused(
                     f"volume {name}: shrinking from {format_size(row['size'])} to {format_size(size)} is refused "

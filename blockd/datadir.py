@@ -154,10 +154,12 @@ class DataDir:
 
         os.makedirs(self.resync_dir, exist_ok=True)
         for peer in peers:
-            with open(self.tombstone_path(row["repl_id"], peer), "w") as f:
+            path = self.tombstone_path(row["repl_id"], peer)
+            with open(path + ".tmp", "w") as f:  # whole or absent: a torn one would never be delivered
                 json.dump({"name": row["name"], "epoch": row["epoch"]}, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.replace(path + ".tmp", path)
         if peers:
             fsync_dir(self.resync_dir)
 
@@ -172,7 +174,7 @@ class DataDir:
             return out
         for name in names:
             parts = name.split(".", 2)
-            if len(parts) != 3 or parts[0] != "deleted" or not parts[1].isdigit():
+            if len(parts) != 3 or parts[0] != "deleted" or not parts[1].isdigit() or name.endswith(".tmp"):
                 continue
             path = os.path.join(self.resync_dir, name)
             try:

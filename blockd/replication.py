@@ -487,7 +487,7 @@ class PeerBitmap:
 class PeerState:
     __slots__ = ("link", "peer_id", "state", "bitmap", "generation", "resync_thread", "resync_total",
                  "resync_done", "resynced_bytes", "skipped_chunks", "seeded", "unflushed",
-                 "created", "session_created", "link_pending", "outstanding")
+                 "created", "session_created", "link_pending", "outstanding", "creating")
 
     def __init__(self, link, peer_id, state, bitmap, seeded):
         self.link = link
@@ -507,6 +507,7 @@ class PeerState:
         self.session_created = False  # it answered CREATE since the link last went down
         self.link_pending = 0  # writes queued on the link and not yet answered: later ones follow them there
         self.outstanding = set()  # seqs sent to it (link or direct) until answered or their miss recorded
+        self.creating = False  # a session CREATE is on its way (another open does not send one more)
 
     def record(self, chunks):
         """Durably add chunks to its resync bitmap (request, link and resync threads share it), with
@@ -608,6 +609,8 @@ class VolumeReplication:
         it over what the resync sends."""
 
         def answered(ok, reply):
+            if session:
+                ps.creating = False
             if not ok:
                 body = _nack_body(reply)
                 if body.get("code") == "stale_epoch":
@@ -661,6 +664,8 @@ class VolumeReplication:
             info = dict(info, state=ps.state.state, seeded=ps.seeded, applied_through=through)
             msg = rp.json_message(rp.CREATE, info, volume=self.repl_id, epoch=self.epoch, seq=seq,
                                   flags=rp.SESSION if session else 0)
+            if session:
+                ps.creating = True
             self._send_on_link(ps, msg, answered)  # counted: no direct write overtakes it (resize, epoch)
 
     def tell_peers(self):
@@ -1113,7 +1118,7 @@ class VolumeReplication:
         CREATE was refused: no room to grow) gets a new CREATE, as a first open's would send it."""
         with self._cond:
             behind = [(n, ps) for n, ps in self.peers.items() if ps.state.state == rp.OUT_OF_SYNC and ps.link.up
-                      and ps.resync_thread is None and not self.closed]
+                      and ps.resync_thread is None and not ps.creating and not self.closed]
         for name, ps in behind:
             self._reconnect(name, ps)
 
@@ -1317,8 +1322,8 @@ class VolumeReplication:
                 continue
             ok, reply = self._request(ps, rp.Message(rp.READ, volume=self.repl_id, epoch=self.epoch,
                                                      seq=self._next_seq(), offset=offset, length=BLOCK_SIZE))
-            if not ok or len(reply.data) != BLOCK_SIZE:
-                continue
+            if not ok or len(reply.data) != BLOCK_SIZE or not ps.state.counts:
+                continue  # (no longer in sync by the time it answered: a lost copy's CREATE answered first)
             data = np.frombuffer(bytes(reply.data), dtype=np.uint8).copy()
             got = np.empty(1, dtype=np.uint64)
             checksum.hash_blocks(data, got)
@@ -1378,8 +1383,8 @@ class VolumeReplication:
     def wait_caught_up(self, stopping, patience, clients=lambda: 0, limit=600.0):
         """For a catch-up (the volume open with no client): until every peer whose link is up answered
         this open's CREATE and is in sync with nothing left to resync.  Returns why it stopped waiting:
-        ``done``; ``no_peer`` (none is up); ``stuck`` (nothing moved for ``patience`` seconds, or
-        ``limit`` seconds went by: others get their turn); ``client`` (a client opened it: its open
+        ``done``; ``no_peer`` (none is up); ``stuck`` (nothing moved for ``patience`` seconds);
+        ``turn`` (``limit`` seconds went by: others get theirs); ``client`` (a client opened it: its open
         goes on with the resync); ``closed`` (deleted, fenced, closed); ``stopping``."""
         last, since = None, time.monotonic()
         end = since + limit
@@ -1396,8 +1401,10 @@ class VolumeReplication:
                              for ps in self.peers.values())
                 if seen != last:
                     last, since = seen, now
-                elif now - since > patience or now > end:
+                elif now - since > patience:
                     return "stuck" if up else "no_peer"
+                if now > end:
+                    return "turn"
                 self._cond.wait(0.1)
             if clients() > 0:
                 return "client"
@@ -1477,6 +1484,7 @@ class Manager:
         self._catch_up_queue = set()  # (volume id or None: every volume, peer name or None: every peer)
         self._catch_up_wake = threading.Event()
         self._retry_at = {}  # volume id -> (monotonic time of its next catch-up, the pause after that one)
+        self._tombstones_due = None  # when undelivered DELETEs are sent again (their peers' links are up)
         self._lock = threading.Lock()
 
     def link(self, peer):
@@ -1604,15 +1612,26 @@ class Manager:
             with self._lock:
                 self._catch_up_wake.clear()
                 queued, self._catch_up_queue = self._catch_up_queue, set()
+                if self._tombstones_due is not None and self._tombstones_due <= now:
+                    self._tombstones_due = None
+                    tombstones_due = True
+                else:
+                    tombstones_due = False
                 waiting = {v for v, (when, _pause) in self._retry_at.items() if when > now}
                 queued |= {(v, None) for v, (when, _pause) in self._retry_at.items() if when <= now}
+            if tombstones_due and not queued:
+                try:
+                    self._deliver_tombstones(None)
+                except Exception as exc:
+                    log(f"deleting copies of deleted volumes: {type(exc).__name__}: {exc}")
             if not queued or stopping.is_set():
                 continue
             peers_now = {p for v, p in queued if v is None}
-            try:
-                self._deliver_tombstones(None if None in peers_now else peers_now)
-            except Exception as exc:
-                log(f"deleting copies of deleted volumes: {type(exc).__name__}: {exc}")
+            if peers_now:
+                try:
+                    self._deliver_tombstones(None if None in peers_now else peers_now)
+                except Exception as exc:
+                    log(f"deleting copies of deleted volumes: {type(exc).__name__}: {exc}")
             try:
                 rows = [r for r in self.catalog.volumes() if r["role"] == "primary" and r["repl_id"] is not None]
             except Exception as exc:
@@ -1666,6 +1685,8 @@ class Manager:
         dirty = {p["name"] for p in wanted if self._peer_dirty(vid, p["name"])}
         asked = [p for p in wanted if p["seeded"] or p["name"] in dirty]
         if not asked:
+            with self._lock:
+                self._retry_at.pop(vid, None)  # nobody to catch up now: a peer answering again brings it back
             return
         copies = [{"address": p["address"], "key": p["public_key"], "name": p["name"]} for p in asked]
         answers = self.query_copies(copies, row["repl_id"], refusals=True)
@@ -1694,6 +1715,9 @@ class Manager:
         why = self._visit(row, stopping, patience)
         if why == "stuck":
             self._retry_later(vid)
+        elif why == "turn":  # progressing, but others get their turn: back soon, no backing off
+            with self._lock:
+                self._retry_at[vid] = (time.monotonic() + 1.0, 2.5)
         elif why != "stopping":
             with self._lock:
                 self._retry_at.pop(vid, None)
@@ -1718,9 +1742,11 @@ class Manager:
         Returns why it ended (VolumeReplication.wait_caught_up)."""
         try:
             volume = self.engine.open(row["name"], internal=True)
+        except NotFound:
+            return "closed"  # deleted, or fenced: nothing to catch up from here
         except Exception as exc:
             log(f"{row['name']}: catching up its replicas: {exc}")
-            return "closed"
+            return "stuck"
         try:
             vr = volume.replication
             if vr is None:
@@ -1880,6 +1906,10 @@ class Manager:
         """Tell each peer to delete its copy; waits briefly for the answers, never fails the delete.  A peer
         that does not confirm it gets a tombstone (DataDir.remember_peer_deletes): the DELETE is sent
         again when it answers (catch_up).  Returns the names of those peers."""
+        try:  # before asking: a crash while waiting for the answers leaves them on record
+            self.datadir.remember_peer_deletes(row, [p["name"] for p in peers])
+        except OSError as exc:
+            log(f"{row['name']}: recording the copies to delete: {exc}")
         waits = []
         for p in peers:
             done = threading.Event()
@@ -1894,12 +1924,10 @@ class Manager:
         pending = []
         for name, done, result in waits:
             done.wait(self.settings.ack_timeout * 2)
-            if not result.get("gone"):
+            if result.get("gone"):
+                _remove_quietly(self.datadir.tombstone_path(row["repl_id"], name))
+            else:
                 pending.append(name)
-        try:
-            self.datadir.remember_peer_deletes(row, pending)
-        except OSError as exc:
-            log(f"{row['name']}: recording the copies still to delete ({', '.join(pending)}): {exc}")
         return pending
 
     def _send_delete(self, link, repl_id, epoch, result, done):
@@ -1935,17 +1963,24 @@ class Manager:
             if not link.up:
                 continue
 
-            def answered(result, done, path=path, name=name, info=info):
-                if result.get("gone"):
-                    _remove_quietly(path)
-                    log(f"{info.get('name')}: its copy on {name} deleted (the volume was deleted here while "
-                        f"{name} did not answer)" if result.get("code") is None else
-                        f"{info.get('name')}: nothing to delete on {name} ({result.get('code')})")
-
             result, done = {}, threading.Event()
             self._send_delete(link, repl_id, info["epoch"], result, done)
             done.wait(self.settings.ack_timeout * 2)
-            answered(result, done)
+            if not result.get("gone"):
+                with self._lock:  # no answer, or an error there, on a link that answers: tried again later
+                    self._tombstones_due = time.monotonic() + 30.0
+                continue
+            _remove_quietly(path)
+            log(f"{info.get('name')}: its copy on {name} deleted (the volume was deleted here while {name} did "
+                "not answer)" if result.get("code") is None else
+                f"{info.get('name')}: nothing to delete on {name} ({result.get('code')})")
+            # A volume made again under that name, whose CREATE that peer refused meanwhile (the name was
+            # taken there), is asked again now.
+            with self._lock:
+                volumes = list(self._volumes.values())
+            for vr in volumes:
+                vr.retry_behind()
+            self.request_catch_up(peer=name)
 
     def query_copies(self, copies, repl_id, epoch=0, refusals=False, claim=None):
         return query_copies(copies, self.keys, repl_id, self.settings.insecure, self.settings.ack_timeout, epoch,
@@ -2230,6 +2265,16 @@ class Sink:
                                             "sync_state": self.engine.datadir.replica_sync_state(row),
                                             "applied_epoch": applied[0], "applied_seq": applied[1]},
                                    volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
+        if t == rp.DELETE:
+            row = self.catalog.volume_by_repl_id(msg.volume)
+            if row is None:
+                raise _Refuse(f"no copy with replication id {msg.volume} here", "unknown_volume")
+            if row["role"] != "replica":
+                # Promoted here (even with --force at a lower epoch): never deleted, nor fenced, by a DELETE.
+                raise _Refuse(f"volume {row['name']} is a primary here (epoch {row['epoch']}): not deleted",
+                              "not_replica")
+            if msg.epoch < row["epoch"]:
+                raise _Stale(row)
         volume = self._volume(msg)
         if t == rp.WRITE or t == rp.RESYNC:
             if msg.offset + msg.length > volume.size:
@@ -2366,6 +2411,7 @@ class Sink:
     def _create(self, msg):
         info = msg.json()
         _check_create(info)
+        limits = _valid_limits(info)
         row = self.catalog.volume_by_repl_id(msg.volume)
         created = False
         if row is None:
@@ -2375,8 +2421,9 @@ class Sink:
                               "chunk_size")
             try:
                 row = self.catalog.create_replica(info["name"], info["size"], info["type"], msg.volume,
-                                                  msg.epoch, info.get("min_copies", 1), info.get("iops"),
-                                                  info.get("throughput"))
+                                                  msg.epoch, info.get("min_copies", 1),
+                                                  info.get("iops") if limits else None,
+                                                  info.get("throughput") if limits else None)
             except (BadInput, Refused, NotFound) as exc:
                 raise _Refuse(str(exc), "create") from None
             created = True
@@ -2395,16 +2442,17 @@ class Sink:
                 row = self.catalog.volume_by_repl_id(msg.volume)
             elif msg.epoch > row["epoch"]:
                 self.catalog.set_epoch_role(row["id"], msg.epoch, "replica")
+            if limits and (info["type"], info["iops"], info.get("throughput")) != (
+                    row["type"], row["iops"], row["throughput"]):
+                # Modified on its primary (Elastic Volumes): kept here for when this copy is promoted.  Before
+                # a growth: the new size may be one only the new type allows.
+                self.catalog.set_replica_limits(row["id"], info["type"], info["iops"], info.get("throughput"))
             if info["size"] > row["size"]:
                 try:
                     self.catalog.resize_volume(row["name"], info["size"])
                 except BlockdError as exc:
                     self.catalog.mark_replica_behind(msg.volume)  # smaller than its primary: not a full copy
                     raise _Refuse(f"resize: {exc}", "resize") from None
-            if "iops" in info and (info["type"], info["iops"], info.get("throughput")) != (
-                    row["type"], row["iops"], row["throughput"]):
-                # Modified on its primary (Elastic Volumes): kept here for when this copy is promoted.
-                self.catalog.set_replica_limits(row["id"], info["type"], info["iops"], info.get("throughput"))
         import json as _json
 
         state = info.get("state")
@@ -2548,9 +2596,22 @@ def _check_create(info):
     if "iops" in info:  # (a primary from before limits were sent says nothing of them: kept as they are)
         try:
             check_qos(info["iops"], info.get("throughput"))
-            check(info["type"], info["size"], info["iops"], info.get("throughput"))
         except BlockdError as exc:
             raise rp.ProtocolError(f"CREATE: {exc}") from None
+
+
+def _valid_limits(info):
+    """Whether a CREATE's type, size, IOPS and throughput go together (a copy made before copies kept
+    their IOPS, promoted, says io2 with none): only then are they stored; the CREATE is taken either way."""
+    from .voltypes import check
+
+    if "iops" not in info:
+        return False
+    try:
+        check(info["type"], info["size"], info["iops"], info.get("throughput"))
+    except BlockdError:
+        return False
+    return True
 
 
 class _Refuse(Exception):

@@ -50,7 +50,7 @@ def test_delete_refused_while_attached_then_succeeds_after_disconnect(server, da
     vol_dir = os.path.join(data_dir, "volumes", str(show["id"]))
     assert os.path.isdir(vol_dir)
     out = js(cli("volume", "delete", "vol0", "--json"))
-    assert out == {"name": "vol0", "deleted": True, "connections_cut": 0, "online": True}
+    assert out == {"name": "vol0", "deleted": True, "connections_cut": 0, "online": True, "copies_pending_delete": []}
     assert not os.path.exists(vol_dir)  # chunks freed
     assert js(cli("volume", "list", "--json")) == []
     assert js(cli("capacity", "show", "--json"))["logical_provisioned"] == 0

@@ -158,7 +158,7 @@ def test_a_replica_copy_keeps_its_primarys_type_iops_and_throughput(sink):
 
 @pytest.mark.parametrize("bad", [
     {"size": 4096.5}, {"size": "4096"}, {"size": float("nan")}, {"size": 0}, {"size": True},
-    {"type": "io2", "iops": None}, {"type": "io9"}, {"min_copies": 0}, {"copies": -1},
+    {"type": "io9"}, {"min_copies": 0}, {"copies": -1},
     {"chunk_size": "x"}, {"name": 7}, {"type": "gp3", "iops": 10 ** 9}, {"iops": -1},
 ])
 def test_a_create_with_a_bad_field_is_refused_and_changes_nothing(sink, bad):
@@ -168,6 +168,18 @@ def test_a_create_with_a_bad_field_is_refused_and_changes_nothing(sink, bad):
     assert reply.type == rp.NACK and reply.json()["code"] == "malformed", reply.json()
     assert rig.engine.catalog.find_volume("v") is None
     assert s.refused["malformed"] == before + 1
+
+
+def test_limits_that_do_not_go_together_are_not_stored_but_the_create_is_taken(sink):
+    """Review finding: a copy made before copies kept their IOPS, once promoted, says io2 with none; every
+    sink refusing its CREATE would leave it unconfirmed for good.  Taken, without those limits."""
+    rig, s, ask = sink
+    assert _create_info(ask, type="io2", iops=None).type == rp.ACK
+    row = rig.engine.catalog.volume("v")
+    assert (row["type"], row["iops"]) == ("io2", None)
+    from blockd import voltypes
+
+    assert voltypes.limits("io2", row["size"], None)["iops"] == 100  # shown and served at the lowest figure
 
 
 def test_a_write_at_an_epoch_never_announced_is_refused_and_takes_nothing(sink):
@@ -200,3 +212,15 @@ def test_a_flood_of_garbage_is_counted_in_full_but_logged_only_so_much(sink, cap
     lines = [ln for ln in capfd.readouterr().err.splitlines() if "refused WRITE" in ln]
     assert 1 <= len(lines) <= REFUSAL_LOG_PER_SECOND * (int(elapsed) + 2), len(lines)
     assert _create(ask, 1).type == rp.ACK  # and it serves on
+
+
+def test_a_delete_never_deletes_nor_fences_a_primary_here(sink):
+    """Review finding: a tombstone's DELETE delivered days later to a copy promoted here with --force
+    (at a lower epoch) fenced it and deleted it.  A DELETE only ever deletes a replica copy."""
+    rig, s, ask = sink
+    assert _create(ask, 1).type == rp.ACK
+    rig.engine.catalog.promote("v", [], 2)
+    reply = ask(rp.Message(rp.DELETE, volume=REPL_ID, epoch=5, seq=9))
+    assert reply.type == rp.NACK and reply.json()["code"] == "not_replica"
+    row = rig.engine.catalog.volume("v")
+    assert row["role"] == "primary" and row["epoch"] == 2
