@@ -264,6 +264,8 @@ class Engine:
         self._publish_size(entry, row["size"])
         if entry is not None and not grows and entry.volume.replication is not None:
             entry.volume.replication.tell_peers()  # the new type and limits, kept by the copies for a promotion
+        elif entry is None and row["repl_id"] is not None and self.replication is not None:
+            self.replication.request_visit(row["id"])  # closed: its copies hear them from the catch-up's open
         return row
 
     def _before_growing(self, row, size, check):

@@ -1316,19 +1316,35 @@ class VolumeReplication:
 
     # -- read-repair -------------------------------------------------------------------------
     def fetch_block(self, offset, accept):
-        """A block from an in-sync replica whose data hashes to one of ``accept``; None if none has it."""
+        """A block from an in-sync replica (the caller holds the block's range lock, exclusive) whose data
+        hashes to one of ``accept``; None if none has it.
+
+        When this copy's data and checksum are both rotten, nothing here can vouch for a block: then an
+        in-sync replica's block is taken if it matches the replica's own checksum, but only once every
+        request sent to the peers before the READ was answered or its miss recorded (``settle``): the
+        writes to this block were all sent before the range lock was taken here, so the replica has
+        applied them, and its block is the latest.  Never a zero block that way (a copy lost unnoticed
+        reads as zeros)."""
+        settled = self.settle(self.last_seq())
         for name, ps in self.peers.items():
             if not ps.state.counts:
                 continue
+            generation = ps.generation
             ok, reply = self._request(ps, rp.Message(rp.READ, volume=self.repl_id, epoch=self.epoch,
                                                      seq=self._next_seq(), offset=offset, length=BLOCK_SIZE))
-            if not ok or len(reply.data) != BLOCK_SIZE or not ps.state.counts:
+            if not ok or len(reply.data) != BLOCK_SIZE or not ps.state.counts or ps.generation != generation:
                 continue  # (no longer in sync by the time it answered: a lost copy's CREATE answered first)
             data = np.frombuffer(bytes(reply.data), dtype=np.uint8).copy()
             got = np.empty(1, dtype=np.uint64)
             checksum.hash_blocks(data, got)
             if int(got[0]) in accept:
                 log(f"{self.volume.name}: read-repair of block at {offset} from {name}")
+                return data
+            theirs = np.frombuffer(bytes(reply.sums), dtype=np.uint64) if len(reply.sums) == 8 else None
+            if (settled and theirs is not None and int(theirs[0]) == int(got[0])
+                    and int(got[0]) != checksum.ZERO_BLOCK_HASH):
+                log(f"{self.volume.name}: read-repair of block at {offset} from {name} (this copy's data and "
+                    "checksum both differ from it; its own checksum vouches for it, every write sent to it answered)")
                 return data
         return None
 
@@ -1485,6 +1501,7 @@ class Manager:
         self._catch_up_wake = threading.Event()
         self._retry_at = {}  # volume id -> (monotonic time of its next catch-up, the pause after that one)
         self._tombstones_due = None  # when undelivered DELETEs are sent again (their peers' links are up)
+        self._must_visit = set()  # volume ids whose copies must hear a CREATE (modified while closed)
         self._lock = threading.Lock()
 
     def link(self, peer):
@@ -1585,6 +1602,13 @@ class Manager:
         return out
 
     # -- catching up the replicas of closed volumes -----------------------------------------------
+    def request_visit(self, volume_id):
+        """A closed volume's copies must hear its new type and limits (modified while closed): the
+        catch-up opens it once a peer answers, even if every copy is in sync."""
+        with self._lock:
+            self._must_visit.add(volume_id)
+        self.request_catch_up(volume_id)
+
     def request_catch_up(self, volume_id=None, peer=None):
         """Ask the catch-up thread to look at a volume (None: every one) for a peer (None: every one)."""
         with self._lock:
@@ -1708,11 +1732,16 @@ class Manager:
             if a.get("sync_state") != rp.IN_SYNC or smaller:
                 self._forget_closed_state(vid, p["name"])
             visit = visit or crashed or smaller or p["name"] in dirty or a.get("sync_state") != rp.IN_SYNC
+            with self._lock:
+                visit = visit or vid in self._must_visit
         if not visit:
             with self._lock:
                 self._retry_at.pop(vid, None)
             return
         why = self._visit(row, stopping, patience)
+        if why in ("done", "client", "closed"):
+            with self._lock:
+                self._must_visit.discard(vid)  # its CREATE went out (or the volume is gone)
         if why == "stuck":
             self._retry_later(vid)
         elif why == "turn":  # progressing, but others get their turn: back soon, no backing off
@@ -2589,10 +2618,15 @@ def _check_create(info):
     whole("chunk_size", 1)
     if "min_copies" in info:
         whole("min_copies", 1)
+        if info["min_copies"] > 64:
+            raise rp.ProtocolError(f"CREATE: min_copies {info['min_copies']} is more copies than a volume has")
+    if info.get("state") not in (None, rp.IN_SYNC, rp.OUT_OF_SYNC, rp.RESYNCING):
+        raise rp.ProtocolError(f"CREATE: unknown state {info.get('state')!r}")
     if info["type"] not in VOLUME_TYPES:
         raise rp.ProtocolError(f"CREATE: unknown volume type {info['type']!r}")
-    if not isinstance(info.get("copies", []), list):
-        raise rp.ProtocolError("CREATE: copies must be a list")
+    copies = info.get("copies", [])
+    if not isinstance(copies, list) or not all(isinstance(c, dict) for c in copies):
+        raise rp.ProtocolError("CREATE: copies must be a list of objects")
     if "iops" in info:  # (a primary from before limits were sent says nothing of them: kept as they are)
         try:
             check_qos(info["iops"], info.get("throughput"))

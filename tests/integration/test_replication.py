@@ -445,7 +445,9 @@ def test_read_repair_and_scrub_repair_from_the_replica(cluster):
 def test_a_rotten_checksum_entry_on_the_primary_is_repaired_from_the_replica(cluster):
     """From a black-box run: a flipped byte in the primary's checksums file (its data intact) gave EIO on
     every read of that block, and scrub --repair could not fix it: the replica's block was accepted only
-    if it matched the rotten checksum.  Now a replica block equal to the data on disk here is taken."""
+    if it matched the rotten checksum.  Now a replica block equal to the data on disk here is taken; and
+    where data and checksum both rotted, an in-sync replica's block its own checksum vouches for, once
+    every write sent to it was answered."""
     a, b = cluster(2)
     a.cli("volume", "create", "v", "--size", "64MiB", "--replica", "b", check=True)
     data = os.urandom(2 * CHUNK)
@@ -459,19 +461,21 @@ def test_a_rotten_checksum_entry_on_the_primary_is_repaired_from_the_replica(clu
     vol_id = js(a.cli("volume", "show", "v", "--json"))["id"]
     sums = os.path.join(a.data, "volumes", str(vol_id), "checksums")
     blocks_per_chunk = CHUNK // 4096
-    for chunk, block in ((0, 2), (1, 0), (1, 5)):
+    for chunk, block in ((0, 2), (1, 0), (1, 5), (1, 7)):
         where = (chunk * blocks_per_chunk + block) * 8 + 3
         fd = os.open(sums, os.O_RDWR)
         try:
             os.pwrite(fd, bytes([os.pread(fd, 1, where)[0] ^ 0x10]), where)
         finally:
             os.close(fd)
+    # Block 7 of chunk 1: its data rotted too (black-box round 4: EIO for good, with a good replica).
+    _flip(a, "v", CHUNK + 7 * 4096 + 100)
     a.start()
     h = a.connect("v")
     assert h.pread(4096, 2 * 4096) == data[2 * 4096:3 * 4096]  # read-repair: the data was right all along
     out = a.cli("scrub", "v", "--repair", "--json")
     res = json.loads(out.stdout)
-    assert out.returncode == 0 and res["corrupt_offsets"] == [CHUNK, CHUNK + 5 * 4096], res
+    assert out.returncode == 0 and res["corrupt_offsets"] == [CHUNK, CHUNK + 5 * 4096, CHUNK + 7 * 4096], res
     assert res["repaired_offsets"] == res["corrupt_offsets"]
     assert js(a.cli("scrub", "v", "--json"))["clean"]
     assert h.pread(2 * CHUNK, 0) == data
@@ -1246,6 +1250,19 @@ def test_a_promoted_copy_serves_with_its_primarys_type_and_iops(cluster):
     hb.shutdown()
     shown = js(b.cli("volume", "show", "v", "--json", check=True))
     assert (shown["role"], shown["type"], shown["iops"], shown["limits"]["iops"]) == ("primary", "io2", 4000, 4000)
+
+
+def test_a_modification_while_the_volume_is_closed_reaches_its_copies(cluster):
+    """From black-box round 4: modified while closed, the copy kept the old limits (a failover served
+    them): the catch-up opens the volume, so its CREATE tells the copies."""
+    a, b = cluster(2)
+    a.cli("volume", "create", "w", "--size", "20GiB", "--type", "gp3", "--iops", "3000", "--replica", "b",
+          check=True)
+    start_in_sync(a, [b], "w", 1, 4096).shutdown()
+    a.cli("volume", "modify", "w", "--iops", "5000", "--throughput", "300", check=True)  # closed now
+    wait_for(lambda: js(b.cli("volume", "show", "w", "--json", check=True))["iops"] == 5000, 30, interval=0.1,
+             what="the copy to take the new limits")
+    assert js(b.cli("volume", "show", "w", "--json", check=True))["throughput"] == 300
 
 
 def test_a_volume_deleted_while_its_replica_is_down_is_deleted_there_when_it_answers(cluster):

@@ -160,6 +160,7 @@ def test_a_replica_copy_keeps_its_primarys_type_iops_and_throughput(sink):
     {"size": 4096.5}, {"size": "4096"}, {"size": float("nan")}, {"size": 0}, {"size": True},
     {"type": "io9"}, {"min_copies": 0}, {"copies": -1},
     {"chunk_size": "x"}, {"name": 7}, {"type": "gp3", "iops": 10 ** 9}, {"iops": -1},
+    {"state": "bogus"}, {"copies": [1, 2]}, {"min_copies": 1000000},
 ])
 def test_a_create_with_a_bad_field_is_refused_and_changes_nothing(sink, bad):
     rig, s, ask = sink
