@@ -39,6 +39,11 @@ class _Open:
         self.remove_files = True  # when retired: deleted (files go) or fenced (files stay, now a replica)
         self.replica = replica  # a replica copy, opened by the replication sink: never an NBD connection
 
+    @property
+    def clients(self):
+        """Holders that are not this server's own (NBD connections, verify, scrub)."""
+        return self.refs - self.holds
+
 
 class Engine:
     def __init__(self, datadir, files=None, events=None, clock=time.monotonic, qos_trace=0):
@@ -222,7 +227,7 @@ class Engine:
         out = {
             "limits": voltypes.limits(*voltypes.effective(row, wall)),
             "modification": voltypes.modification(row, wall),
-            "attached": entry is not None and not entry.replica and entry.refs > entry.holds,
+            "attached": entry is not None and not entry.replica and entry.clients > 0,
         }
         adm = entry.volume.qos if entry is not None else None
         if adm is None:
@@ -616,20 +621,19 @@ class Engine:
         """How many holders of an open volume are not this server's own (NBD connections, verify, scrub)."""
         with self._lock:
             entry = self._open.get(volume_id)
-            return entry.refs - entry.holds if entry is not None else 0
+            return entry.clients if entry is not None else 0
 
     def connections(self, name):
         """How many NBD connections have ``name`` open (0: not attached)."""
         row = self.catalog.volume(name)
         with self._lock:
             entry = self._open.get(row["id"])
-            return entry.refs - entry.holds if entry is not None and not entry.replica else 0
+            return entry.clients if entry is not None and not entry.replica else 0
 
     def attached(self):
         """{name: connections} for every attached volume (the server's own opens are not connections)."""
         with self._lock:
-            return {e.volume.name: e.refs - e.holds for e in self._open.values()
-                    if not e.replica and e.refs > e.holds}
+            return {e.volume.name: e.clients for e in self._open.values() if not e.replica and e.clients > 0}
 
     def resize(self, name, size):
         """Grow in the catalog and in memory: new connections see the new size at once.
@@ -669,7 +673,7 @@ class Engine:
             while row["id"] in self._closing:  # its last connection is flushing: let it finish
                 self._closed.wait()
             entry = self._open.get(row["id"])
-            clients = 0 if entry is None or entry.replica else entry.refs - entry.holds
+            clients = 0 if entry is None or entry.replica else entry.clients
             if entry is not None and not force and (clients or entry.replica):
                 held = entry.refs if entry.replica else clients
                 raise Busy(
@@ -744,7 +748,7 @@ class Engine:
         with self._lock:
             # Not the ones only this server holds (a catch-up): written by nobody since their last close,
             # and a flush there could wait for a quorum its resyncing peer cannot give yet.
-            volumes = [e.volume for e in self._open.values() if e.refs > e.holds]
+            volumes = [e.volume for e in self._open.values() if e.clients > 0]
         for volume in volumes:
             try:
                 volume.flush()

@@ -478,6 +478,11 @@ class PeerBitmap:
     def chunks(self):
         return self.log.chunks
 
+    def pending(self):
+        """How many chunks it has to resync: on record, and kept out of the record."""
+        with self.lock:
+            return len(self.log.chunks) + len(self.unrecorded)
+
     def close(self):
         with self.lock:
             self.closed = True
@@ -539,9 +544,7 @@ class PeerState:
             return sorted(b.log.chunks | b.unrecorded)
 
     def pending_count(self):
-        b = self.bitmap
-        with b.lock:
-            return len(b.log.chunks) + len(b.unrecorded)
+        return self.bitmap.pending()
 
 
 class VolumeReplication:
@@ -1650,10 +1653,10 @@ class Manager:
                     log(f"deleting copies of deleted volumes: {type(exc).__name__}: {exc}")
             if not queued or stopping.is_set():
                 continue
-            peers_now = {p for v, p in queued if v is None}
-            if peers_now:
+            everything = {p for v, p in queued if v is None}  # a peer answers again, or the start
+            if everything:
                 try:
-                    self._deliver_tombstones(None if None in peers_now else peers_now)
+                    self._deliver_tombstones(None if None in everything else everything)
                 except Exception as exc:
                     log(f"deleting copies of deleted volumes: {type(exc).__name__}: {exc}")
             try:
@@ -1668,7 +1671,6 @@ class Manager:
             with self._lock:  # deleted, fenced or promoted away since: nothing to retry
                 for vid in set(self._retry_at) - {r["id"] for r in rows}:
                     del self._retry_at[vid]
-            everything = {p for v, p in queued if v is None}
             for row in rows:
                 if stopping.is_set():
                     return
@@ -1712,9 +1714,10 @@ class Manager:
             with self._lock:
                 self._retry_at.pop(vid, None)  # nobody to catch up now: a peer answering again brings it back
             return
-        copies = [{"address": p["address"], "key": p["public_key"], "name": p["name"]} for p in asked]
-        answers = self.query_copies(copies, row["repl_id"], refusals=True)
+        answers = self.query_copies([_copy(p) for p in asked], row["repl_id"], refusals=True)
         crashed = bool(IntentLog(self.files, os.path.join(self.datadir.volume_path(vid), INTENT_FILE)).load())
+        with self._lock:
+            must = vid in self._must_visit
         visit = False
         for p in asked:
             a = answers.get(p["address"])
@@ -1731,9 +1734,8 @@ class Manager:
             smaller = isinstance(a.get("size"), int) and a["size"] < row["size"]  # it missed a resize
             if a.get("sync_state") != rp.IN_SYNC or smaller:
                 self._forget_closed_state(vid, p["name"])
-            visit = visit or crashed or smaller or p["name"] in dirty or a.get("sync_state") != rp.IN_SYNC
-            with self._lock:
-                visit = visit or vid in self._must_visit
+            visit = (visit or must or crashed or smaller or p["name"] in dirty
+                     or a.get("sync_state") != rp.IN_SYNC)
         if not visit:
             with self._lock:
                 self._retry_at.pop(vid, None)
@@ -1762,8 +1764,7 @@ class Manager:
         with self._lock:
             b = self._bitmaps.get((volume_id, peer_name))
         if b is not None:
-            with b.lock:
-                return bool(b.log.chunks or b.unrecorded)
+            return b.pending() > 0
         return bool(IntentLog(self.files, self.datadir.resync_path(volume_id, peer_name)).load())
 
     def _visit(self, row, stopping, patience):
@@ -1874,8 +1875,7 @@ class Manager:
 
     def _replica_copies(self, volume_id):
         """The copies a primary's replicas hold, as ask_copies and query_copies take them."""
-        return [{"address": p["address"], "key": p["public_key"], "name": p["name"], "seeded": p["seeded"]}
-                for p in self.catalog.volume_replicas(volume_id)]
+        return [_copy(p) for p in self.catalog.volume_replicas(volume_id)]
 
     def supersede(self, row, epoch, by):
         """A copy holds ``epoch``, newer than this primary's ``row``: fence it here, open or not."""
@@ -2274,12 +2274,7 @@ class Sink:
             if msg.epoch > 0 and isinstance(token, str) and not self.claim(msg.volume, msg.epoch, token):
                 # Another promotion announced this epoch here first (or a newer one): not taken for this one,
                 # which must not count this copy (two primaries at one epoch would never fence each other).
-                applied = self.last_applied(msg.volume, row)
-                return rp.json_message(rp.ACK, {"epoch": row["epoch"], "role": row["role"], "size": row["size"],
-                                                "sync_state": self.engine.datadir.replica_sync_state(row),
-                                                "applied_epoch": applied[0], "applied_seq": applied[1],
-                                                "claimed_by_another": True},
-                                       volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
+                return self._state(msg, row, claimed_by_another=True)
             if msg.epoch > row["epoch"]:
                 # A copy being promoted announces its new epoch: from now on the old primary's writes are
                 # refused here as stale (it is fenced at its next request), and this copy, a replica,
@@ -2289,11 +2284,7 @@ class Sink:
                 self.catalog.adopt_epoch(row["id"], msg.epoch)
                 self._forget(msg.volume)  # the cached entry holds the old epoch
                 row = self.catalog.volume_by_repl_id(msg.volume)
-            applied = self.last_applied(msg.volume, row)
-            return rp.json_message(rp.ACK, {"epoch": row["epoch"], "role": row["role"], "size": row["size"],
-                                            "sync_state": self.engine.datadir.replica_sync_state(row),
-                                            "applied_epoch": applied[0], "applied_seq": applied[1]},
-                                   volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
+            return self._state(msg, row)
         if t == rp.DELETE:
             row = self.catalog.volume_by_repl_id(msg.volume)
             if row is None:
@@ -2370,6 +2361,14 @@ class Sink:
             # Client writes only: a RESYNC carries a new seq but brings a copy up to date, not ahead.
             self._note_applied(volume.volume_id, volume.name, msg.volume, (msg.epoch, msg.seq))
         return self._ack(msg)
+
+    def _state(self, msg, row, **extra):
+        """The answer to a STATE: what promotion decides on (epoch, role, size, sync state, last applied)."""
+        applied = self.last_applied(msg.volume, row)
+        return rp.json_message(rp.ACK, {"epoch": row["epoch"], "role": row["role"], "size": row["size"],
+                                        "sync_state": self.engine.datadir.replica_sync_state(row),
+                                        "applied_epoch": applied[0], "applied_seq": applied[1], **extra},
+                               volume=msg.volume, seq=msg.seq, epoch=msg.epoch)
 
     def claim(self, repl_id, epoch, token):
         """A promotion (``token``, one per promotion) announces ``epoch`` for a volume here, or takes it
@@ -2590,6 +2589,12 @@ def ask_copies(copies, keys, msg, insecure=False, timeout=2.0):
         finally:
             sock.close(linger=0)
     return out
+
+
+def _copy(replica):
+    """A replica (a catalog volume_replicas row) as ask_copies and query_copies take a copy."""
+    return {"address": replica["address"], "key": replica["public_key"], "name": replica["name"],
+            "seeded": replica["seeded"]}
 
 
 def _remove_quietly(path):
