@@ -1646,19 +1646,14 @@ class Manager:
                     tombstones_due = False
                 waiting = {v for v, (when, _pause) in self._retry_at.items() if when > now}
                 queued |= {(v, None) for v, (when, _pause) in self._retry_at.items() if when <= now}
-            if tombstones_due and not queued:
-                try:
-                    self._deliver_tombstones(None)
+            everything = {p for v, p in queued if v is None}  # a peer answers again, or the start
+            if (tombstones_due or everything) and not stopping.is_set():
+                try:  # (due ones to every peer: also when volumes are queued, or their retry would be lost)
+                    self._deliver_tombstones(None if tombstones_due or None in everything else everything)
                 except Exception as exc:
                     log(f"deleting copies of deleted volumes: {type(exc).__name__}: {exc}")
             if not queued or stopping.is_set():
                 continue
-            everything = {p for v, p in queued if v is None}  # a peer answers again, or the start
-            if everything:
-                try:
-                    self._deliver_tombstones(None if None in everything else everything)
-                except Exception as exc:
-                    log(f"deleting copies of deleted volumes: {type(exc).__name__}: {exc}")
             try:
                 rows = [r for r in self.catalog.volumes() if r["role"] == "primary" and r["repl_id"] is not None]
             except Exception as exc:
